@@ -1,0 +1,3 @@
+from gvmrt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""The full CLI (typer): `spec` and every verb that is not on the per-container hot path.
+
+The lifecycle verbs (create, start, state, kill, delete, run, list) are parsed by the stdlib
+dispatcher in gvmrt.cli; they are listed here too so `gvmrt --help` shows the whole tool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Optional
+
+import typer
+
+from gvmrt import __version__
+from gvmrt.errors import GvmrtError, UsageError
+
+app = typer.Typer(
+    name="gvmrt",
+    help="A rootless, OCI-style container runtime for autonomous AI agents.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _globals(
+    root: Optional[str] = typer.Option(None, "--root", help="state directory (default $XDG_RUNTIME_DIR/gvmrt)"),
+    log: Optional[str] = typer.Option(None, "--log", help="also write errors to FILE"),
+    log_format: str = typer.Option("text", "--log-format", help="text or json"),
+    debug: bool = typer.Option(False, "--debug", help="print debug messages"),
+    version: bool = typer.Option(False, "--version", "-v", help="print the version"),
+) -> None:
+    """Global options (they go before the command, as with runc)."""
+
+
+@app.command()
+def spec(
+    bundle: Optional[str] = typer.Option(None, "--bundle", "-b",
+                                         help="write DIR/config.json (refuses to overwrite) instead of printing"),
+    rootless: bool = typer.Option(True, "--rootless/--no-userns",
+                                  help="put the jail in a user namespace (default; also for root)"),
+    args: Optional[list[str]] = typer.Argument(None, help="the agent's command (default: sh)"),
+) -> None:
+    """Print a starting config.json: OCI runtime-spec 1.x, rootless, no capabilities, agent seccomp profile."""
+    from gvmrt.spec import default_config
+
+    cfg = default_config(rootless=rootless, uid=os.getuid(), gid=os.getgid(), args=args or None)
+    text = json.dumps(cfg, indent=2, sort_keys=False) + "\n"
+    if bundle is None:
+        sys.stdout.write(text)
+        return
+    path = os.path.join(bundle, "config.json")
+    try:
+        with open(path, "x") as f:
+            f.write(text)
+    except FileExistsError:
+        raise UsageError(f"{path} exists already; remove it or print with `gvmrt spec > FILE`") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+
+
+def _lifecycle(verb: str) -> Any:
+    from gvmrt.cli import VERBS
+
+    def command(ctx: typer.Context) -> None:
+        # Reached only for help rendering; gvmrt.cli.main dispatches these verbs before typer.
+        raise typer.Exit(0)
+
+    command.__doc__ = VERBS[verb]["help"] + f"\n\nUsage: gvmrt {VERBS[verb]['usage']} (see `gvmrt {verb} --help`)"
+    return command
+
+
+def _register() -> None:
+    from gvmrt.cli import VERBS
+    for verb in VERBS:
+        app.command(name=verb, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+            _lifecycle(verb))
+
+
+_register()
+
+
+def run_app(argv: list[str], gopts: dict[str, Any], out: Any) -> int:
+    """Run typer on ``argv`` (global options were parsed already).
+
+    typer reports its own usage errors (exit 2) and help; GvmrtError from a command propagates to
+    gvmrt.cli.main, which prints the one-line message.
+    """
+    try:
+        app(args=argv, prog_name="gvmrt", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
+
+
+__all__ = ["app", "run_app", "__version__"]

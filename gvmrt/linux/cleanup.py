@@ -1,0 +1,87 @@
+"""Remove what a container left on disk, whoever inside the jail owns it.
+
+The overlay upper dir holds whatever the agent wrote, with the modes it chose (a root inside
+the jail can make a 000 directory full of files) and, with subordinate id maps, files owned by
+ids the invoking user cannot touch directly. Removal first fixes modes as it goes; if files are
+owned by subordinate ids it repeats inside a user namespace with the container's maps, where the
+invoking user is root over exactly those ids (the way `podman unshare rm` works).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+
+
+def _rmtree_fixing_modes(path: str) -> None:
+    def onerror(func, p, exc_info):  # noqa: ANN001 - shutil's callback signature
+        exc = exc_info[1]
+        if isinstance(exc, FileNotFoundError):
+            return
+        if isinstance(exc, PermissionError):
+            parent = os.path.dirname(p)
+            for d in (parent, p):
+                try:
+                    st = os.lstat(d)
+                    if stat.S_ISDIR(st.st_mode):
+                        os.chmod(d, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
+                except OSError:
+                    pass
+            try:
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p, onerror=onerror)
+                else:
+                    os.unlink(p)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                pass
+        raise exc
+
+    shutil.rmtree(path, onerror=onerror)
+
+
+def remove_tree(path: str, uid_maps: list[list[int]], gid_maps: list[list[int]]) -> None:
+    if not os.path.lexists(path):
+        return
+    try:
+        _rmtree_fixing_modes(path)
+        return
+    except PermissionError:
+        if os.getuid() == 0 or len(uid_maps) + len(gid_maps) <= 2:
+            raise
+    _rmtree_in_userns(path, uid_maps, gid_maps)
+
+
+def _rmtree_in_userns(path: str, uid_maps: list[list[int]], gid_maps: list[list[int]]) -> None:
+    from gvmrt.linux import process
+    from gvmrt.linux import sys as lsys
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(w)
+            lsys.unshare(lsys.CLONE_NEWUSER)
+            os.read(r, 1)  # wait for the maps
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+            _rmtree_fixing_modes(path)
+            code = 0
+        except BaseException:  # noqa: BLE001
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(r)
+    try:
+        process.write_id_maps(pid, uid_maps, gid_maps, deny_setgroups=False)
+    finally:
+        os.write(w, b"1")
+        os.close(w)
+    _, status = os.waitpid(pid, 0)
+    if status or os.path.lexists(path):
+        raise OSError(errno.EPERM, "cannot remove the container's files (owned by subordinate ids)", path)

@@ -1,0 +1,323 @@
+"""fork/unshare/exec of the container init, and the small typed messages between the processes.
+
+Process shape (DESIGN.md §3, runc's nsexec): `gvmrt create` forks an intermediate child, which
+joins/creates the namespaces (user first), waits for its id maps to be written from outside, and
+forks the container init (pid 1 of the new pid namespace), then exits. The init is thus an
+orphan when `create` returns: the kernel hands it to the nearest child subreaper among its
+ancestors (conmon, containerd-shim, `gvmrt run`), exactly as with runc.
+
+The init sets up the jail, says "ready", waits for the parent's "ack" (state.json is written),
+then blocks opening the exec FIFO until `gvmrt start` opens the other end; then drops privileges,
+loads seccomp and execs. Until "ack" every wait is a read on the sync socket, so if `create` dies
+half-way the init sees EOF and exits: nothing is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+from typing import Any
+
+from gvmrt.linux import rootfs
+from gvmrt.linux import sys as lsys
+
+
+class ChildError(Exception):
+    """The container init reported a failure (message is already one line for the user)."""
+
+
+def sync_pair() -> tuple[socket.socket, socket.socket]:
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    return parent, child
+
+
+def send(sock: socket.socket, **msg: Any) -> None:
+    sock.send(json.dumps(msg).encode())
+
+
+def recv(sock: socket.socket, timeout: float | None = None) -> dict[str, Any]:
+    sock.settimeout(timeout)
+    try:
+        data = sock.recv(65536)
+    except socket.timeout:
+        raise ChildError(f"the container init did not answer within {timeout:.0f} s") from None
+    if not data:
+        raise EOFError
+    return json.loads(data)
+
+
+# --- id maps ---------------------------------------------------------------------------------
+
+def _ranges(mappings: list[list[int]]) -> str:
+    return "".join(f"{c} {h} {s}\n" for c, h, s in mappings)
+
+
+def write_id_maps(pid: int, uid_maps: list[list[int]], gid_maps: list[list[int]], deny_setgroups: bool) -> None:
+    """Write /proc/PID/{uid,gid}_map from outside the new user namespace.
+
+    An unprivileged user may map only its own ids, once, and only after writing "deny" to
+    setgroups (user_namespaces(7)); wider maps from /etc/subuid go through the setuid helpers
+    newuidmap/newgidmap (shadow-utils), as podman does.
+    """
+    import subprocess
+
+    for kind, maps in (("uid", uid_maps), ("gid", gid_maps)):
+        own = os.getuid() if kind == "uid" else os.getgid()
+        simple = os.getuid() == 0 or (len(maps) == 1 and maps[0][1] == own and maps[0][2] == 1)
+        if simple:
+            if kind == "gid" and deny_setgroups:
+                with open(f"/proc/{pid}/setgroups", "w") as f:
+                    f.write("deny")
+            with open(f"/proc/{pid}/{kind}_map", "w") as f:
+                f.write(_ranges(maps))
+            continue
+        tool = f"new{kind}map"
+        argv = [tool, str(pid)] + [str(x) for m in maps for x in m]
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise ChildError(f"{kind} mappings beyond your own id need {tool} (apt-get install uidmap)") from None
+        if res.returncode:
+            msg = (res.stderr.strip().splitlines() or ["failed"])[-1]
+            raise ChildError(f"{tool} {' '.join(argv[2:])}: {msg} (check /etc/sub{kind} for user "
+                             f"{os.getuid() if kind == 'uid' else os.getgid()})")
+
+
+# --- the intermediate child and the init ----------------------------------------------------------
+
+def spawn(ctx: dict[str, Any], plan: dict[str, Any], child_sock: socket.socket, parent_sock: socket.socket) -> int:
+    """Fork the intermediate child; return its pid. The child never returns."""
+    pid = os.fork()
+    if pid:
+        return pid
+    # Child: from here on only os._exit, never return into the caller's stack.
+    code = 1
+    try:
+        parent_sock.close()
+        # Keep only stdio, the fds the caller asked to pass (--preserve-fds) and our sync socket:
+        # anything else inherited (e.g. the container's flock'd lock file) must not live on in
+        # the jail, where it would block `gvmrt start` or leak host files into the container.
+        keep = child_sock.fileno()
+        first = 3 + ctx["preserve_fds"]
+        if keep >= first:
+            lsys.close_range(first, keep - 1)
+        lsys.close_range(max(first, keep + 1))
+        code = _intermediate(ctx, plan, child_sock)
+    except BaseException as exc:  # noqa: BLE001 - anything must be reported, not raised
+        _report(child_sock, exc)
+    finally:
+        os._exit(code)
+
+
+def _report(sock: socket.socket, exc: BaseException) -> None:
+    msg = str(exc) if isinstance(exc, (ChildError, rootfs.RootfsError)) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError) and exc.filename and not isinstance(exc, rootfs.RootfsError):
+        msg = f"{exc.strerror}: {exc.filename}"
+    try:
+        send(sock, error=msg)
+    except OSError:
+        pass
+
+
+def _intermediate(ctx: dict[str, Any], plan: dict[str, Any], sock: socket.socket) -> int:
+    # Join the namespaces the config names by path; the user namespace first, because it owns
+    # the others (setns(2): joining them needs CAP_SYS_ADMIN in their owning user namespace).
+    flags = 0
+    join: list[tuple[str, str]] = []
+    for ns_type, path in plan["namespaces"]:
+        if path:
+            join.append((ns_type, path))
+        else:
+            flags |= ctx["ns_flags"][ns_type]
+    join.sort(key=lambda j: j[0] != "user")
+    for ns_type, path in join:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ChildError(f"linux.namespaces: {ns_type} path {path}: {exc.strerror}") from exc
+        try:
+            lsys.setns(fd, ctx["ns_flags"][ns_type])
+        except OSError as exc:
+            raise ChildError(f"linux.namespaces: join {ns_type} namespace {path}: {exc.strerror}") from exc
+        os.close(fd)
+    try:
+        lsys.unshare(flags)
+    except OSError as exc:
+        raise ChildError(_unshare_hint(exc)) from exc
+    send(sock, unshared=True)
+    if ctx["new_userns"]:
+        if recv(sock).get("mapped") is not True:
+            return 1
+    init = os.fork()
+    if init == 0:
+        code = 1
+        try:
+            _init(ctx, plan, sock)
+        except BaseException as exc:  # noqa: BLE001
+            _report(sock, exc)
+        finally:
+            os._exit(code)
+    send(sock, init=init)
+    return 0
+
+
+def _unshare_hint(exc: OSError) -> str:
+    import errno
+    if exc.errno in (errno.EPERM, errno.ENOSPC, errno.EINVAL):
+        try:
+            with open("/proc/sys/user/max_user_namespaces") as f:
+                if int(f.read()) == 0:
+                    return "cannot create a user namespace: sysctl user.max_user_namespaces is 0 (raise it)"
+        except OSError:
+            pass
+        try:
+            with open("/proc/sys/kernel/unprivileged_userns_clone") as f:
+                if f.read().strip() == "0":
+                    return "cannot create a user namespace: sysctl kernel.unprivileged_userns_clone is 0 (set it to 1)"
+        except OSError:
+            pass
+    return f"cannot create the container's namespaces: unshare: {exc.strerror}"
+
+
+def _init(ctx: dict[str, Any], plan: dict[str, Any], sock: socket.socket) -> None:
+    """pid 1 of the container: build the jail, wait for start, exec."""
+    proc = plan["process"]
+    if ctx["new_userns"]:
+        # Become the mapped root: a host root mapped to e.g. 100000 is "nobody" until it does.
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+    os.chdir(ctx["bundle"])  # relative bind sources are relative to the bundle (config.md "mounts")
+    if plan["hostname"] is not None:
+        lsys.sethostname(plan["hostname"])
+    if plan["domainname"]:
+        with open("/proc/sys/kernel/domainname", "w") as f:
+            f.write(plan["domainname"])
+    gid_mapped = _mapped(ctx["gid_mappings"]) if ctx["new_userns"] else (lambda gid: True)
+    rootfs.setup(plan, ctx["lowers"], ctx["upper"], ctx["work"], ctx["merged"], ctx["new_userns"], gid_mapped)
+    if ctx["new_netns"]:
+        lsys.loopback_up()
+    fifo = os.open(ctx["fifo"], os.O_PATH | os.O_CLOEXEC)
+    rootfs.pivot(ctx["merged"], plan["root_readonly"])
+
+    for key, value in plan["sysctl"].items():
+        try:
+            with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+                f.write(value)
+        except OSError as exc:
+            raise ChildError(f"linux.sysctl {key}={value}: {exc.strerror} (only namespaced sysctls can be set)") from exc
+    if proc["oom_score_adj"] is not None:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(proc["oom_score_adj"]))
+    import resource
+    for res, name, soft, hard in proc["rlimits"]:
+        try:
+            resource.setrlimit(res, (soft, hard))
+        except (OSError, ValueError) as exc:
+            raise ChildError(f"process.rlimits {name} soft={soft} hard={hard}: {exc}") from exc
+
+    env = dict(e.split("=", 1) for e in proc["env"])
+    path = _lookup(proc["args"][0], env)
+    try:
+        os.chdir(proc["cwd"])
+    except OSError as exc:
+        raise ChildError(f"process.cwd {proc['cwd']}: {exc.strerror} in the container") from exc
+    if proc["groups"] and ctx["setgroups_denied"]:
+        raise ChildError("process.user.additionalGids need a gid mapping with more than your own gid "
+                         "(setgroups is denied in a user namespace that maps one gid)")
+    bpf = _b64(plan["seccomp"]) if plan["seccomp"] else None
+
+    send(sock, ready=True)
+    if recv(sock).get("ack") is not True:
+        os._exit(1)
+    sock.close()
+
+    # Block until `gvmrt start` opens the read end (runc's exec FIFO): open() of a FIFO for
+    # writing sleeps until there is a reader (fifo(7)). The O_PATH fd survives pivot_root.
+    try:
+        wfd = os.open(f"/proc/self/fd/{fifo}", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        _die(f"open exec fifo: {exc.strerror} (does the config mount /proc?)")
+    os.write(wfd, b"0")
+    os.close(wfd)
+    os.close(fifo)
+    try:
+        _finalize(proc, bpf, ctx)
+        os.execve(path, proc["args"], env)
+    except OSError as exc:
+        _die(f"exec {proc['args'][0]}: {exc.strerror}")
+    except BaseException as exc:  # noqa: BLE001 - the sync socket is gone: stderr is all we have
+        _die(f"{type(exc).__name__}: {exc}")
+
+
+def _die(msg: str) -> None:
+    os.write(2, f"gvmrt: container init: {msg}\n".encode())
+    os._exit(127)
+
+
+def _b64(data: str) -> bytes:
+    import base64
+    return base64.b64decode(data)
+
+
+def _mapped(gid_mappings: list[list[int]]) -> Any:
+    return lambda gid: any(c <= gid < c + s for c, _, s in gid_mappings)
+
+
+def _lookup(prog: str, env: dict[str, str]) -> str:
+    """execvp's PATH search, done in the container before "ready" so a typo fails `create`."""
+    if "/" in prog:
+        candidates = [prog]
+    else:
+        path = env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        candidates = [os.path.join(d or ".", prog) for d in path.split(":")]
+    for c in candidates:
+        try:
+            st = os.stat(c)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and os.access(c, os.X_OK):
+            return c
+    raise ChildError(f"process.args[0] {prog!r}: executable file not found in the container"
+                     + ("" if "/" in prog else " $PATH"))
+
+
+def _finalize(proc: dict[str, Any], bpf: bytes | None, ctx: dict[str, Any]) -> None:
+    """Drop to the configured user and capabilities, then seccomp (runc's finalizeNamespace order)."""
+    # Signals ignored by Python (SIGPIPE, SIGXFSZ) stay ignored across execve: restore defaults.
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    nnp = proc["nnp"]
+    if bpf and not nnp:
+        # Without no_new_privs, loading a filter needs CAP_SYS_ADMIN: do it while we still have it.
+        lsys.seccomp_set_filter(bpf)
+    caps = proc["caps"]
+    if caps is not None:
+        for cap in range(lsys.last_cap() + 1):
+            if not caps["bounding"] >> cap & 1:
+                try:
+                    lsys.prctl(lsys.PR_CAPBSET_DROP, cap)
+                except OSError:
+                    pass  # unknown to this kernel
+    lsys.prctl(lsys.PR_SET_KEEPCAPS, 1)
+    if not ctx["setgroups_denied"]:
+        os.setgroups(proc["groups"])
+    os.setresgid(proc["gid"], proc["gid"], proc["gid"])
+    os.setresuid(proc["uid"], proc["uid"], proc["uid"])
+    lsys.prctl(lsys.PR_SET_KEEPCAPS, 0)
+    if caps is not None:
+        lsys.capset(caps["effective"], caps["permitted"], caps["inheritable"])
+        lsys.prctl(lsys.PR_CAP_AMBIENT, lsys.PR_CAP_AMBIENT_CLEAR_ALL)
+        for cap in range(lsys.last_cap() + 1):
+            if caps["ambient"] >> cap & 1:
+                lsys.prctl(lsys.PR_CAP_AMBIENT, lsys.PR_CAP_AMBIENT_RAISE, cap)
+    os.umask(proc["umask"])
+    if nnp:
+        lsys.prctl(lsys.PR_SET_NO_NEW_PRIVS, 1)
+    lsys.close_range(3 + ctx["preserve_fds"])
+    if bpf and nnp:
+        # As close to execve as possible, so the profile constrains the agent, not gvmrt's setup.
+        lsys.seccomp_set_filter(bpf)

@@ -1,0 +1,234 @@
+"""The jail's filesystem: OverlayFS root, config mounts, minimal /dev, masked and read-only paths.
+
+Runs inside the container init, in its new mount namespace, before pivot_root. The plan (what to
+mount, with which flags) was compiled in the parent by gvmrt.plan; this module is the boring
+executor (STYLE.md habit 4: plan, then execute). Every failure names the path involved.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any
+
+from gvmrt.linux import sys as lsys
+
+# statvfs f_flag bits (<sys/statvfs.h>) → mount flags. In a user namespace the kernel "locks" the
+# flags a mount had when it was inherited; a bind remount must repeat them or fail with EPERM
+# (mount(2), "EPERM ... locked"), which is why every remount ORs these in.
+_ST_TO_MS = {1: lsys.MS_RDONLY, 2: lsys.MS_NOSUID, 4: lsys.MS_NODEV, 8: lsys.MS_NOEXEC,
+             1024: lsys.MS_NOATIME, 2048: lsys.MS_NODIRATIME, 4096: lsys.MS_RELATIME}
+_ATIME = lsys.MS_NOATIME | lsys.MS_NODIRATIME | lsys.MS_RELATIME | lsys.MS_STRICTATIME
+
+DEFAULT_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+DEV_SYMLINKS = (("/proc/self/fd", "fd"), ("/proc/self/fd/0", "stdin"), ("/proc/self/fd/1", "stdout"),
+                ("/proc/self/fd/2", "stderr"), ("pts/ptmx", "ptmx"))
+
+
+class RootfsError(Exception):
+    """A mount step failed; the message names the step and path (sent to `gvmrt create`)."""
+
+
+def secure_join(root: str, unsafe: str) -> str:
+    """``root``/``unsafe`` with symlinks resolved as if ``root`` were "/" (never escapes root).
+
+    A rootfs is untrusted input: a symlink /etc -> /host/etc in it must not make a mount land on
+    the host (CVE-2019-19921, runc's filepath-securejoin).
+    """
+    pending = [p for p in unsafe.split("/") if p]
+    resolved: list[str] = []
+    hops = 0
+    while pending:
+        comp = pending.pop(0)
+        if comp == ".":
+            continue
+        if comp == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = os.path.join(root, *resolved, comp)
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            resolved.append(comp)
+            resolved.extend(p for p in pending if p not in (".", ".."))
+            break
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > 40:
+                raise RootfsError(f"too many levels of symbolic links resolving {unsafe} in the rootfs")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            pending = [p for p in target.split("/") if p] + pending
+        else:
+            resolved.append(comp)
+    return os.path.join(root, *resolved)
+
+
+def _locked_flags(path: str) -> int:
+    flags = os.statvfs(path).f_flag
+    return sum(ms for st, ms in _ST_TO_MS.items() if flags & st)
+
+
+def _remount(path: str, flags: int, what: str) -> None:
+    """Bind-remount ``path`` with ``flags`` plus the flags the kernel has locked on it."""
+    locked = _locked_flags(path)
+    if flags & _ATIME:
+        locked &= ~_ATIME
+    try:
+        lsys.mount(None, path, None, lsys.MS_REMOUNT | lsys.MS_BIND | flags | locked)
+    except OSError as exc:
+        raise RootfsError(f"{what}: remount {path} with {flags:#x}: {exc.strerror}") from exc
+
+
+def _make_mountpoint(path: str, is_dir: bool) -> None:
+    if os.path.lexists(path):
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if is_dir:
+        os.mkdir(path, 0o755)
+    else:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+
+
+def _escape_overlay(path: str) -> str:
+    # overlayfs splits lowerdir on ':' and options on ','; both must be escaped with a backslash.
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+def mount_overlay(lowers: list[str], upper: str, work: str, target: str, in_userns: bool) -> None:
+    """The root filesystem: read-only lower layers (the bundle), writes to ``upper`` on disk."""
+    opts = f"lowerdir={':'.join(_escape_overlay(p) for p in lowers)},upperdir={_escape_overlay(upper)}," \
+           f"workdir={_escape_overlay(work)}"
+    if in_userns:
+        # Unprivileged overlay keeps whiteouts/opaque markers in user.overlay.* xattrs (Linux 5.11+,
+        # Documentation/filesystems/overlayfs.rst "userxattr"); trusted.* needs host CAP_SYS_ADMIN.
+        opts += ",userxattr"
+    try:
+        lsys.mount("overlay", target, "overlay", 0, opts)
+    except OSError as exc:
+        raise RootfsError(f"mount overlay (lower {lowers[0]}, upper {upper}): {exc.strerror}") from exc
+
+
+def _mount_one(rootfs: str, m: dict[str, Any], gid_mapped: Any) -> None:
+    dest = secure_join(rootfs, m["dest"])
+    mtype, flags, data = m["type"], m["flags"], list(m["data"])
+    what = f"mount {m['dest']}"
+    if mtype == "bind":
+        src = m["source"]
+        try:
+            src_is_dir = os.path.isdir(src)
+            os.stat(src)
+        except OSError as exc:
+            raise RootfsError(f"{what}: bind source {src}: {exc.strerror}") from exc
+        _make_mountpoint(dest, src_is_dir)
+        try:
+            lsys.mount(src, dest, None, lsys.MS_BIND | (lsys.MS_REC if m["rec"] else 0))
+        except OSError as exc:
+            raise RootfsError(f"{what}: bind {src}: {exc.strerror}") from exc
+        if flags & ~lsys.MS_REMOUNT:
+            _remount(dest, flags & ~lsys.MS_REMOUNT, what)
+    else:
+        _make_mountpoint(dest, True)
+        if mtype == "devpts":
+            # gid=5 (tty) only exists inside the jail when the gid map covers it (crun drops it too).
+            data = [d for d in data if not (d.startswith("gid=") and not gid_mapped(int(d[4:])))]
+        try:
+            lsys.mount(m["source"], dest, mtype, flags, ",".join(data) or None)
+        except OSError as exc:
+            if mtype in ("sysfs", "cgroup", "cgroup2", "mqueue"):
+                # Without the namespace that owns it (e.g. sysfs needs a private network namespace,
+                # mqueue a private IPC one), fall back to a read-only bind of the host's, as runc does.
+                _fallback_bind(mtype, dest, what, exc)
+            else:
+                raise RootfsError(f"{what}: {mtype} ({','.join(data)}): {exc.strerror}") from exc
+    if m["prop"]:
+        lsys.mount(None, dest, None, m["prop"])
+
+
+_FALLBACK_SOURCE = {"sysfs": "/sys", "cgroup": "/sys/fs/cgroup", "cgroup2": "/sys/fs/cgroup",
+                    "mqueue": "/dev/mqueue"}
+
+
+def _fallback_bind(mtype: str, dest: str, what: str, exc: OSError) -> None:
+    src = _FALLBACK_SOURCE[mtype]
+    try:
+        lsys.mount(src, dest, None, lsys.MS_BIND | lsys.MS_REC)
+    except OSError:
+        raise RootfsError(f"{what}: {mtype}: {exc.strerror}") from exc
+    _remount(dest, lsys.MS_RDONLY | lsys.MS_NOSUID | lsys.MS_NODEV | lsys.MS_NOEXEC, what)
+
+
+def setup_dev(rootfs: str) -> None:
+    """Bind the default devices from the host (a rootless jail cannot mknod) and the usual links."""
+    dev = secure_join(rootfs, "/dev")
+    os.makedirs(dev, exist_ok=True)
+    for name in DEFAULT_DEVICES:
+        target = os.path.join(dev, name)
+        if os.path.islink(target):
+            os.unlink(target)
+        _make_mountpoint(target, False)
+        try:
+            lsys.mount(f"/dev/{name}", target, None, lsys.MS_BIND)
+        except OSError as exc:
+            raise RootfsError(f"bind device /dev/{name}: {exc.strerror}") from exc
+    for src, name in DEV_SYMLINKS:
+        link = os.path.join(dev, name)
+        if os.path.lexists(link):
+            if name != "ptmx" or not os.path.exists(os.path.join(dev, "pts", "ptmx")):
+                continue
+            os.unlink(link)
+        os.symlink(src, link)
+    if os.path.exists("/proc/kcore") and not os.path.lexists(os.path.join(dev, "core")):
+        os.symlink("/proc/kcore", os.path.join(dev, "core"))
+
+
+def mask_paths(rootfs: str, masked: list[str], readonly: list[str]) -> None:
+    for path in masked:
+        target = secure_join(rootfs, path)
+        if not os.path.exists(target):
+            continue
+        try:
+            if os.path.isdir(target):
+                lsys.mount("tmpfs", target, "tmpfs", lsys.MS_RDONLY, None)
+            else:
+                lsys.mount("/dev/null", target, None, lsys.MS_BIND)
+        except OSError as exc:
+            raise RootfsError(f"mask {path}: {exc.strerror}") from exc
+    for path in readonly:
+        target = secure_join(rootfs, path)
+        if not os.path.exists(target):
+            continue
+        try:
+            lsys.mount(target, target, None, lsys.MS_BIND | lsys.MS_REC)
+        except OSError as exc:
+            raise RootfsError(f"read-only {path}: {exc.strerror}") from exc
+        _remount(target, lsys.MS_RDONLY | lsys.MS_NOSUID | lsys.MS_NODEV | lsys.MS_NOEXEC, f"read-only {path}")
+
+
+def setup(plan: dict[str, Any], lowers: list[str], upper: str, work: str, merged: str,
+          in_userns: bool, gid_mapped: Any) -> None:
+    """Build the jail's root at ``merged``: everything up to (not including) pivot_root."""
+    # Nothing we mount may propagate back to the host (and vice versa, unless asked).
+    lsys.mount(None, "/", None, lsys.MS_REC | lsys.MS_PRIVATE)
+    mount_overlay(lowers, upper, work, merged, in_userns)
+    for m in plan["mounts"]:
+        _mount_one(merged, m, gid_mapped)
+    setup_dev(merged)
+    mask_paths(merged, plan["masked"], plan["readonly"])
+    if plan["rootfs_propagation"] != lsys.MS_PRIVATE | lsys.MS_REC:
+        lsys.mount(None, "/", None, plan["rootfs_propagation"])
+
+
+def pivot(merged: str, readonly: bool) -> None:
+    """pivot_root into ``merged`` and detach the old root (pivot_root(2), "pivot_root(".", ".")")."""
+    os.chdir(merged)
+    try:
+        lsys.pivot_root(".", ".")
+    except OSError as exc:
+        raise RootfsError(f"pivot_root to {merged}: {exc.strerror}") from exc
+    lsys.umount2(".", lsys.MNT_DETACH)
+    os.chdir("/")
+    if readonly:
+        _remount("/", lsys.MS_RDONLY, "read-only root")

@@ -1,0 +1,200 @@
+"""config.json → plan: everything the container init needs, as plain JSON-able data.
+
+"Compile in the parent, apply in the child" (DESIGN.md §3): validation (pydantic), mount-option
+parsing and seccomp compilation (libseccomp) happen here, once per config content. The plan is
+cached by the SHA-256 of config.json, the gvmrt version and the machine, so the hot lifecycle
+commands only read a small JSON file (they never import pydantic or pyseccomp).
+
+The plan never holds host facts (the invoking uid, /etc/subuid, rlimit hard limits, the bundle's
+location): those are checked at create time by gvmrt.runtime, because they differ between runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+from gvmrt import __version__
+from gvmrt.linux import sys as lsys
+
+PLAN_VERSION = 1
+
+# runc's libcontainer/specconv mountFlags table: option → (clear?, flag).
+MOUNT_FLAGS: dict[str, tuple[bool, int]] = {
+    "async": (True, lsys.MS_SYNCHRONOUS), "atime": (True, lsys.MS_NOATIME),
+    "bind": (False, lsys.MS_BIND), "defaults": (False, 0), "dev": (True, lsys.MS_NODEV),
+    "diratime": (True, lsys.MS_NODIRATIME), "dirsync": (False, lsys.MS_DIRSYNC),
+    "exec": (True, lsys.MS_NOEXEC), "mand": (False, lsys.MS_MANDLOCK), "noatime": (False, lsys.MS_NOATIME),
+    "nodev": (False, lsys.MS_NODEV), "nodiratime": (False, lsys.MS_NODIRATIME),
+    "noexec": (False, lsys.MS_NOEXEC), "nomand": (True, lsys.MS_MANDLOCK), "norelatime": (True, lsys.MS_RELATIME),
+    "nostrictatime": (True, lsys.MS_STRICTATIME), "nosuid": (False, lsys.MS_NOSUID),
+    "nosymfollow": (False, lsys.MS_NOSYMFOLLOW),
+    "rbind": (False, lsys.MS_BIND | lsys.MS_REC), "relatime": (False, lsys.MS_RELATIME),
+    "remount": (False, lsys.MS_REMOUNT), "ro": (False, lsys.MS_RDONLY), "rw": (True, lsys.MS_RDONLY),
+    "strictatime": (False, lsys.MS_STRICTATIME), "suid": (True, lsys.MS_NOSUID), "sync": (False, lsys.MS_SYNCHRONOUS),
+}
+PROPAGATION = {
+    "private": lsys.MS_PRIVATE, "rprivate": lsys.MS_PRIVATE | lsys.MS_REC,
+    "shared": lsys.MS_SHARED, "rshared": lsys.MS_SHARED | lsys.MS_REC,
+    "slave": lsys.MS_SLAVE, "rslave": lsys.MS_SLAVE | lsys.MS_REC,
+    "unbindable": lsys.MS_UNBINDABLE, "runbindable": lsys.MS_UNBINDABLE | lsys.MS_REC,
+}
+# Filesystem types a jail may mount itself. Anything else (ext4 on a block device, nfs, fuse...)
+# needs host privilege or a device node the jail does not have, so it is refused at compile time.
+MOUNT_TYPES = {"proc", "tmpfs", "devpts", "mqueue", "sysfs", "cgroup", "cgroup2", "bind", "none", None}
+
+NS_FLAGS = {
+    "user": lsys.CLONE_NEWUSER, "mount": lsys.CLONE_NEWNS, "pid": lsys.CLONE_NEWPID,
+    "network": lsys.CLONE_NEWNET, "ipc": lsys.CLONE_NEWIPC, "uts": lsys.CLONE_NEWUTS,
+    "cgroup": lsys.CLONE_NEWCGROUP, "time": lsys.CLONE_NEWTIME,
+}
+
+
+def cache_key(raw: bytes) -> str:
+    from hashlib import sha256
+    return sha256(b"gvmrt-plan\0%d\0%s\0%s\0" % (PLAN_VERSION, __version__.encode(), lsys.MACHINE.encode())
+                  + raw).hexdigest()
+
+
+def parse_mount_options(options: list[str]) -> tuple[int, int, list[str], bool]:
+    """(flags, propagation flags, data options, is-bind) from an OCI mount's options."""
+    flags, prop, data, bind = 0, 0, [], False
+    for opt in options:
+        if opt in PROPAGATION:
+            prop |= PROPAGATION[opt]
+        elif opt in MOUNT_FLAGS:
+            clear, flag = MOUNT_FLAGS[opt]
+            flags = flags & ~flag if clear else flags | flag
+            if flag & lsys.MS_BIND:
+                bind = True
+        else:
+            data.append(opt)
+    return flags, prop, data, bind
+
+
+def compile_config(cfg: Any, warnings: list[str]) -> dict[str, Any]:
+    """A validated gvmrt.spec.Config → plan dict. Appends notices for the user to ``warnings``."""
+    from gvmrt.errors import ConfigError
+    from gvmrt.spec import CAP_NUMBERS, RLIMITS
+
+    p = cfg.process
+    ns_types = [ns.type for ns in cfg.linux.namespaces]
+    if "mount" not in ns_types:
+        raise ConfigError("config.json", "/linux/namespaces",
+                          "gvmrt needs a 'mount' namespace (it mounts the overlay root filesystem there)")
+
+    mounts = []
+    for i, m in enumerate(cfg.mounts):
+        flags, prop, data, bind = parse_mount_options(m.options)
+        mtype = m.type
+        if mtype == "bind":
+            bind = True
+        if mtype not in MOUNT_TYPES:
+            raise ConfigError("config.json", f"/mounts/{i}/type",
+                              f"mount type {mtype!r} cannot be mounted by a rootless jail "
+                              f"(use a bind mount of a host directory, or one of proc, tmpfs, devpts, mqueue, sysfs, cgroup)")
+        if bind and not m.source:
+            raise ConfigError("config.json", f"/mounts/{i}/source", "a bind mount needs a source path on the host")
+        if not bind and mtype in (None, "none", "bind"):
+            raise ConfigError("config.json", f"/mounts/{i}/options",
+                              "a mount without a filesystem type must have the \"bind\" or \"rbind\" option")
+        mounts.append({"dest": m.destination, "type": "bind" if bind else mtype, "source": m.source or mtype,
+                       "flags": flags & ~(lsys.MS_BIND | lsys.MS_REC) if bind else flags,
+                       "rec": bool(flags & lsys.MS_REC), "prop": prop, "data": data})
+
+    caps = None
+    if p.capabilities is not None:
+        caps = {k: sum(1 << CAP_NUMBERS[n] for n in getattr(p.capabilities, k))
+                for k in ("bounding", "effective", "inheritable", "permitted", "ambient")}
+
+    seccomp = None
+    if cfg.linux.seccomp is not None:
+        from gvmrt.linux.seccomp import compile_profile
+        bpf = compile_profile(cfg.linux.seccomp.model_dump(exclude_none=True))
+        seccomp = base64.b64encode(bpf).decode()
+
+    res = cfg.linux.resources
+    if res is not None:
+        ignored = sorted(k for k, v in res.model_dump(exclude_none=True).items() if v and k != "devices")
+        if ignored:
+            warnings.append(f"linux.resources.{{{','.join(ignored)}}} not applied: this host does not delegate a "
+                            "cgroup to gvmrt (use process.rlimits)")
+        if any(d.allow for d in res.devices):
+            warnings.append("linux.resources.devices allow rules are moot: the jail only has the default devices")
+    if cfg.linux.cgroupsPath:
+        warnings.append(f"linux.cgroupsPath {cfg.linux.cgroupsPath!r} ignored: no cgroup delegation on this host")
+
+    return {
+        "plan": PLAN_VERSION,
+        "oci_version": cfg.ociVersion,
+        "namespaces": [[ns.type, ns.path] for ns in cfg.linux.namespaces],
+        "uid_mappings": [[m.containerID, m.hostID, m.size] for m in cfg.linux.uidMappings],
+        "gid_mappings": [[m.containerID, m.hostID, m.size] for m in cfg.linux.gidMappings],
+        "root": cfg.root.path,
+        "root_readonly": cfg.root.readonly,
+        "rootfs_propagation": PROPAGATION[cfg.linux.rootfsPropagation or "rprivate"],
+        "hostname": cfg.hostname,
+        "domainname": cfg.domainname,
+        "mounts": mounts,
+        "masked": list(cfg.linux.maskedPaths),
+        "readonly": list(cfg.linux.readonlyPaths),
+        "sysctl": dict(cfg.linux.sysctl),
+        "process": {
+            "args": list(p.args), "env": list(p.env), "cwd": p.cwd, "terminal": p.terminal,
+            "uid": p.user.uid, "gid": p.user.gid, "groups": list(p.user.additionalGids),
+            "umask": p.user.umask if p.user.umask is not None else 0o022,
+            "caps": caps, "nnp": p.noNewPrivileges, "oom_score_adj": p.oomScoreAdj,
+            "rlimits": [[RLIMITS[r.type], r.type, r.soft, r.hard] for r in p.rlimits],
+        },
+        "seccomp": seccomp,
+        "annotations": dict(cfg.annotations),
+        "gvm": cfg.gvm,
+        "warnings": warnings,
+    }
+
+
+def cache_dir() -> str:
+    if os.getuid() == 0:
+        return "/var/cache/gvmrt/plans"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gvmrt", "plans")
+
+
+def load_plan(raw: bytes, file: str) -> dict[str, Any]:
+    """The plan for config.json bytes ``raw``: from the cache, or validated, compiled and cached."""
+    key = cache_key(raw)
+    path = os.path.join(cache_dir(), key[:2], key + ".json")
+    try:
+        with open(path, "rb") as f:
+            plan = json.loads(f.read())
+        if plan.get("plan") == PLAN_VERSION:
+            return plan
+    except (OSError, ValueError):
+        pass
+    from gvmrt.errors import ConfigError
+    from gvmrt.spec import parse_config
+    try:
+        cfg = parse_config(raw, file)
+    except ConfigError as exc:
+        # Report the file the user named, not the bare "config.json".
+        raise ConfigError(file, exc.pointer, exc.message) from None
+    try:
+        plan = compile_config(cfg, [])
+    except ConfigError as exc:
+        raise ConfigError(file, exc.pointer, exc.message) from None
+    _store(path, plan)
+    return plan
+
+
+def _store(path: str, plan: dict[str, Any]) -> None:
+    # The cache is an optimisation: a read-only or full disk must not fail the container.
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(plan, f, separators=(",", ":"))
+        os.replace(tmp, path)
+    except OSError:
+        pass

@@ -1,0 +1,519 @@
+"""create / start / state / kill / delete / run / list: spec → plan → processes → state.
+
+This is the library the CLI calls (STYLE.md habit 7); it never prints except the notices it is
+asked to emit through ``notify``. Stdlib only on this path: see gvmrt.plan for the cache that
+keeps pydantic and libseccomp off it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import time
+from typing import Any, Callable
+
+from gvmrt import OCI_VERSION, lifecycle
+from gvmrt.errors import ContainerExists, ContainerNotFound, GvmrtError, HostError, StateError, UsageError
+from gvmrt.lifecycle import CREATED, CREATING, RUNNING, STOPPED
+from gvmrt.statedir import Lock, StateRoot, read_state, validate_id, write_json_atomic
+
+Notify = Callable[[str], None]
+
+
+def _now() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e9):09d}Z"
+
+
+def _starttime(pid: int) -> tuple[int, str] | None:
+    """(start time in clock ticks, state letter) of ``pid``, or None if it does not exist.
+
+    The start time (proc(5) /proc/PID/stat field 22) tells our init from a recycled pid.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    return int(fields[19]), fields[0].decode()
+
+
+def _alive(st: dict[str, Any]) -> bool:
+    pid = st.get("pid") or 0
+    if pid <= 0:
+        return False
+    now = _starttime(pid)
+    return now is not None and now[0] == st.get("pid_start") and now[1] not in ("Z", "X")
+
+
+def status_of(st: dict[str, Any], sdir: str) -> str:
+    if st.get("status") == CREATING:
+        # creating is real only while its `gvmrt create` holds the lock; otherwise that create died.
+        lock = Lock(sdir)
+        try:
+            got = lock.acquire(blocking=False)
+        except OSError:
+            got = True
+        if got:
+            lock.release()
+            return STOPPED
+        return CREATING
+    if not _alive(st):
+        return STOPPED
+    return CREATED if os.path.exists(os.path.join(sdir, "exec.fifo")) else RUNNING
+
+
+def oci_state(st: dict[str, Any], status: str) -> dict[str, Any]:
+    out = {
+        "ociVersion": OCI_VERSION,
+        "id": st["id"],
+        "status": status,
+        "pid": st.get("pid", 0) if status in (CREATED, RUNNING) else 0,
+        "bundle": st.get("bundle", ""),
+        "rootfs": st.get("rootfs", ""),
+        "created": st.get("created", ""),
+        "owner": st.get("owner", ""),
+        "annotations": st.get("annotations") or {},
+    }
+    if "exit_status" in st and status == STOPPED:
+        out["exitStatus"] = st["exit_status"]
+    return out
+
+
+# --- resolving what the user typed ----------------------------------------------------------
+
+def resolve_target(arg: str, id_override: str | None = None) -> tuple[str, str | None]:
+    """An id, or a path to a bundle directory (holding config.json) meaning that bundle.
+
+    Returns (container id, bundle dir or None). The short form `gvmrt run bundles/hello` uses the
+    directory's name as the id unless --id overrides it.
+    """
+    if ("/" in arg or arg in (".", "..")) and os.path.isfile(os.path.join(arg, "config.json")):
+        bundle = os.path.realpath(arg)
+        return validate_id(id_override or os.path.basename(bundle)), bundle
+    if id_override:
+        raise UsageError(f"--id goes with a bundle directory, but {arg!r} is not one (no config.json in it)")
+    if "/" in arg:
+        raise UsageError(f"{arg!r} is neither a container id nor a bundle directory with a config.json")
+    return validate_id(arg), None
+
+
+def _read_config(bundle: str) -> tuple[bytes, str]:
+    if not os.path.isdir(bundle):
+        raise UsageError(f"bundle {bundle}: no such directory")
+    path = os.path.join(bundle, "config.json")
+    try:
+        with open(path, "rb") as f:
+            return f.read(), path
+    except FileNotFoundError:
+        raise UsageError(f"bundle {bundle}: no config.json (write one with `gvmrt spec > {path}`)") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+
+
+def _subid_maps(config_maps: list[list[int]], own: int) -> list[list[int]]:
+    # No mappings in a config with a user namespace: map the invoking user to root (as crun does),
+    # so a committed bundle runs for every teammate.
+    return config_maps or [[0, own, 1]]
+
+
+def _check_host(plan: dict[str, Any], file: str) -> None:
+    """Host facts the cached plan cannot know: rlimits above what this process may raise."""
+    import resource
+    from gvmrt.errors import ConfigError
+
+    can_raise = _has_cap(24) and not any(t == "user" for t, _ in plan["namespaces"])  # CAP_SYS_RESOURCE
+    for i, (res, name, soft, hard) in enumerate(plan["process"]["rlimits"]):
+        cur_soft, cur_hard = resource.getrlimit(res)
+        if cur_hard != resource.RLIM_INFINITY and hard > cur_hard and not can_raise:
+            raise ConfigError(file, f"/process/rlimits/{i}",
+                              f"{name} hard limit {hard} is above this host's hard limit {cur_hard}, and raising it "
+                              f"needs CAP_SYS_RESOURCE in the host namespace, which gvmrt does not have here; "
+                              f"use at most {cur_hard}")
+
+
+def _has_cap(cap: int) -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> cap & 1)
+    except OSError:
+        pass
+    return False
+
+
+# --- create --------------------------------------------------------------------------------
+
+class Runtime:
+    def __init__(self, root: str | None = None, notify: Notify | None = None) -> None:
+        self.root = StateRoot(root)
+        self.notify = notify or (lambda msg: None)
+
+    # state ------------------------------------------------------------------
+    def _load(self, cid: str) -> tuple[str, dict[str, Any]]:
+        sdir = self.root.dir(validate_id(cid))
+        return sdir, read_state(sdir, cid)
+
+    def state(self, cid: str) -> dict[str, Any]:
+        sdir, st = self._load(cid)
+        return oci_state(st, status_of(st, sdir))
+
+    def list(self) -> list[dict[str, Any]]:
+        out = []
+        for cid in self.root.ids():
+            try:
+                out.append(self.state(cid))
+            except (ContainerNotFound, GvmrtError):
+                continue
+        return out
+
+    # create -----------------------------------------------------------------
+    def create(self, cid: str, bundle: str, *, pid_file: str | None = None, preserve_fds: int = 0,
+               console_socket: str | None = None, keep_parent_handle: bool = False) -> dict[str, Any]:
+        from gvmrt.linux import process
+        from gvmrt.plan import NS_FLAGS, load_plan
+
+        validate_id(cid)
+        bundle = os.path.realpath(bundle)
+        raw, cfg_path = _read_config(bundle)
+        plan = load_plan(raw, cfg_path)
+        for w in plan["warnings"]:
+            self.notify(w)
+        rootfs = os.path.join(bundle, plan["root"])
+        if not os.path.isdir(rootfs):
+            raise UsageError(f"{cfg_path}: /root/path: root filesystem {rootfs} is not a directory "
+                             f"(build it, or fix root.path)")
+        if plan["process"]["terminal"] and not console_socket:
+            raise UsageError(f"{cfg_path}: /process/terminal: true needs --console-socket "
+                             f"(or set terminal to false to keep the caller's stdio)")
+        if console_socket:
+            raise UsageError("--console-socket is not supported yet; set process.terminal to false")
+        _check_host(plan, cfg_path)
+
+        ns_types = {t for t, _ in plan["namespaces"]}
+        new_userns = "user" in ns_types and not dict(plan["namespaces"])["user"]
+        uid, gid = os.getuid(), os.getgid()
+        if uid != 0 and "user" not in ns_types:
+            raise UsageError(f"{cfg_path}: /linux/namespaces: running as uid {uid} (rootless) needs a 'user' "
+                             "namespace; add {\"type\": \"user\"}")
+        uid_maps = _subid_maps(plan["uid_mappings"], uid) if new_userns else []
+        gid_maps = _subid_maps(plan["gid_mappings"], gid) if new_userns else []
+        setgroups_denied = new_userns and uid != 0 and len(gid_maps) == 1 and gid_maps[0][1:] == [gid, 1]
+
+        self.root.ensure()
+        sdir = self.root.dir(cid)
+        try:
+            os.mkdir(sdir, 0o700)
+        except FileExistsError:
+            raise ContainerExists(cid) from None
+        lock = Lock(sdir)
+        lock.acquire()
+        data = self.root.data_dir(cid)
+        st: dict[str, Any] = {
+            "id": cid, "status": CREATING, "pid": 0, "bundle": bundle, "rootfs": rootfs,
+            "created": _now(), "owner": _owner(uid), "annotations": plan["annotations"], "data_dir": data,
+            "uid_mappings": uid_maps, "gid_mappings": gid_maps,
+        }
+        parent = child = None
+        init_pid = 0
+        try:
+            write_json_atomic(os.path.join(sdir, "state.json"), st)
+            fifo = os.path.join(sdir, "exec.fifo")
+            os.mkfifo(fifo, 0o622)
+            for sub in ("upper", "work", "merged"):
+                os.makedirs(os.path.join(data, sub), mode=0o700, exist_ok=True)
+            ctx = {
+                "bundle": bundle, "lowers": [rootfs], "upper": os.path.join(data, "upper"),
+                "work": os.path.join(data, "work"), "merged": os.path.join(data, "merged"), "fifo": fifo,
+                "ns_flags": NS_FLAGS, "new_userns": new_userns, "new_netns": "network" in ns_types
+                and not dict(plan["namespaces"])["network"], "gid_mappings": gid_maps,
+                "setgroups_denied": setgroups_denied, "preserve_fds": preserve_fds,
+            }
+            parent, child = process.sync_pair()
+            mid = process.spawn(ctx, plan, child, parent)
+            child.close()
+            child = None
+            init_pid = self._handshake(parent, mid, new_userns, uid_maps, gid_maps, uid)
+            start = _starttime(init_pid)
+            st.update(status=CREATED, pid=init_pid, pid_start=start[0] if start else 0)
+            write_json_atomic(os.path.join(sdir, "state.json"), st)
+            if pid_file:
+                _write_pid_file(pid_file, init_pid)
+            process.send(parent, ack=True)
+        except BaseException:
+            if init_pid:
+                try:
+                    os.kill(init_pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            for s in (parent, child):
+                if s is not None:
+                    s.close()
+            lock.release()
+            _remove_container(sdir, data, uid_maps, gid_maps)
+            raise
+        parent.close()
+        lock.release()
+        return oci_state(st, CREATED)
+
+    def _handshake(self, sock: Any, mid: int, new_userns: bool, uid_maps: list[list[int]],
+                   gid_maps: list[list[int]], uid: int) -> int:
+        from gvmrt.linux import process
+        init_pid = 0
+        try:
+            msg = process.recv(sock, timeout=30)
+            if "error" in msg:
+                raise GvmrtError(msg["error"])
+            if new_userns:
+                process.write_id_maps(mid, uid_maps, gid_maps, deny_setgroups=uid != 0)
+                process.send(sock, mapped=True)
+            while True:
+                msg = process.recv(sock, timeout=60)
+                if "error" in msg:
+                    raise GvmrtError(f"container init: {msg['error']}")
+                if "init" in msg:
+                    init_pid = msg["init"]
+                    os.waitpid(mid, 0)
+                    mid = 0
+                elif msg.get("ready"):
+                    return init_pid
+        except EOFError:
+            raise GvmrtError("container init exited during setup without saying why") from None
+        except process.ChildError as exc:
+            raise GvmrtError(str(exc)) from None
+        finally:
+            if mid:
+                try:
+                    os.kill(mid, signal.SIGKILL)
+                    os.waitpid(mid, 0)
+                except OSError:
+                    pass
+            if init_pid:
+                # Reap the init's zombie only if it is already dead (it is the intermediate's child,
+                # so normally not ours); the caller or its subreaper owns a live one.
+                pass
+
+    # start ------------------------------------------------------------------
+    def start(self, cid: str) -> None:
+        sdir, st = self._load(cid)
+        with Lock(sdir):
+            status = status_of(st, sdir)
+            lifecycle.check(cid, "start", status)
+            fifo = os.path.join(sdir, "exec.fifo")
+            try:
+                fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise StateError(f"cannot start container {cid!r}: it was started already") from None
+            try:
+                _wait_fifo(fd, st["pid"], cid)
+            finally:
+                os.close(fd)
+            os.unlink(fifo)
+
+    # kill -------------------------------------------------------------------
+    def kill(self, cid: str, sig: int = signal.SIGTERM, all_procs: bool = False) -> None:
+        sdir, st = self._load(cid)
+        status = status_of(st, sdir)
+        lifecycle.check(cid, "kill", status)
+        pids = _container_pids(st["pid"]) if all_procs else [st["pid"]]
+        for pid in pids:
+            _signal(pid, sig, st["pid_start"] if pid == st["pid"] else None)
+
+    # delete -----------------------------------------------------------------
+    def delete(self, cid: str, force: bool = False) -> None:
+        sdir = self.root.dir(validate_id(cid))
+        if not os.path.isdir(sdir):
+            raise ContainerNotFound(cid)
+        lock = Lock(sdir)
+        if force:
+            # A dead create may leave the lock... no: flock dies with its holder. Wait briefly for
+            # a live one, then go ahead: --force must always be able to clean up.
+            deadline = time.monotonic() + 5
+            while not lock.acquire(blocking=False):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        else:
+            lock.acquire()
+        try:
+            st = read_state(sdir, cid)
+            status = status_of(st, sdir) if lock.fd >= 0 else CREATING
+            lifecycle.check(cid, "delete --force" if force else "delete", status)
+            if st.get("pid") and status != STOPPED:
+                _signal(st["pid"], signal.SIGKILL, st.get("pid_start"))
+                _wait_gone(st, cid)
+            elif force and st.get("pid"):
+                _wait_gone(st, cid)
+            data = st.get("data_dir") or self.root.data_dir(cid)
+            _remove_container(sdir, data, st.get("uid_mappings") or [], st.get("gid_mappings") or [])
+        finally:
+            lock.release()
+
+    # run --------------------------------------------------------------------
+    def run(self, cid: str, bundle: str, *, detach: bool = False, keep: bool = False, pid_file: str | None = None,
+            preserve_fds: int = 0) -> int:
+        """create + start (+ wait and delete): the exit status, or 128+N for signal N."""
+        from gvmrt.linux import sys as lsys
+        if not detach:
+            # The init is orphaned when the intermediate child exits; as a subreaper we inherit it,
+            # so we can wait for it and return its status (prctl(2) PR_SET_CHILD_SUBREAPER).
+            lsys.prctl(lsys.PR_SET_CHILD_SUBREAPER, 1)
+        st = self.create(cid, bundle, pid_file=pid_file, preserve_fds=preserve_fds)
+        pid = st["pid"]
+        forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                     signal.SIGUSR2, signal.SIGWINCH)
+        if not detach:
+            def forward(signum: int, _frame: Any) -> None:
+                try:
+                    os.kill(pid, signum)
+                except OSError:
+                    pass
+            for s in forwarded:
+                signal.signal(s, forward)
+        try:
+            self.start(cid)
+        except BaseException:
+            self.delete(cid, force=True)
+            raise
+        if detach:
+            return 0
+        code = _wait_child(pid)
+        for s in forwarded:
+            signal.signal(s, signal.SIG_DFL)
+        sdir = self.root.dir(cid)
+        if keep:
+            try:
+                st_full = read_state(sdir, cid)
+                st_full["exit_status"] = code
+                write_json_atomic(os.path.join(sdir, "state.json"), st_full)
+            except GvmrtError:
+                pass
+        else:
+            self.delete(cid, force=True)
+        return code
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def _owner(uid: int) -> str:
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, ImportError):
+        return str(uid)
+
+
+def _write_pid_file(path: str, pid: int) -> None:
+    path = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(str(pid))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise HostError(f"--pid-file {path}: {exc.strerror}") from exc
+
+
+def _wait_fifo(fd: int, pid: int, cid: str) -> None:
+    """Wait until the init has written its byte into the exec FIFO, or died."""
+    from gvmrt.linux import sys as lsys
+    try:
+        pidfd = lsys.pidfd_open(pid)
+    except OSError:
+        raise StateError(f"cannot start container {cid!r}: its init process has exited") from None
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(pidfd, select.POLLIN)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if os.read(fd, 1):
+                    return
+            except BlockingIOError:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GvmrtError(f"container {cid!r} did not start within 30 s")
+            events = dict(poller.poll(left * 1000))
+            if pidfd in events and fd not in events:
+                raise StateError(f"cannot start container {cid!r}: its init process has exited")
+    finally:
+        os.close(pidfd)
+
+
+def _signal(pid: int, sig: int, start: int | None) -> None:
+    from gvmrt.linux import sys as lsys
+    try:
+        pidfd = lsys.pidfd_open(pid)
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            return
+        raise
+    try:
+        # The pidfd pins the process; check it is still ours (not a recycled pid) before signalling.
+        if start is not None:
+            now = _starttime(pid)
+            if now is None or now[0] != start:
+                return
+        try:
+            lsys.pidfd_send_signal(pidfd, sig)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise GvmrtError(f"signal {sig} to pid {pid}: {exc.strerror}") from exc
+    finally:
+        os.close(pidfd)
+
+
+def _container_pids(init_pid: int) -> list[int]:
+    """Every process in the init's pid namespace (for kill --all), init last."""
+    try:
+        target = os.readlink(f"/proc/{init_pid}/ns/pid")
+    except OSError:
+        return [init_pid]
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != init_pid:
+            try:
+                if os.readlink(f"/proc/{name}/ns/pid") == target:
+                    pids.append(int(name))
+            except OSError:
+                continue
+    return pids + [init_pid]
+
+
+def _wait_gone(st: dict[str, Any], cid: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(st):
+        if time.monotonic() > deadline:
+            raise GvmrtError(f"container {cid!r}: init pid {st['pid']} still alive {timeout:.0f} s after SIGKILL")
+        time.sleep(0.002)
+
+
+def _wait_child(pid: int) -> int:
+    while True:
+        try:
+            wpid, status = os.waitpid(-1, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            return 255
+        if wpid == pid:
+            if os.WIFSIGNALED(status):
+                return 128 + os.WTERMSIG(status)
+            return os.WEXITSTATUS(status)
+
+
+def _remove_container(sdir: str, data: str, uid_maps: list[list[int]], gid_maps: list[list[int]]) -> None:
+    from gvmrt.linux.cleanup import remove_tree
+    if os.path.isdir(data):
+        remove_tree(data, uid_maps, gid_maps)
+    try:
+        os.rmdir(os.path.dirname(data))  # the per-root dir, when it became empty
+    except OSError:
+        pass
+    remove_tree(sdir, [], [])
