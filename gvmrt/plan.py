@@ -19,7 +19,9 @@ from typing import Any
 from gvmrt import __version__
 from gvmrt.linux import sys as lsys
 
-PLAN_VERSION = 1
+# Part of the cache key: bump it whenever validation or the plan's shape changes, so a plan cached
+# under older, laxer rules is never used (2: stricter JSON types, sysctl and bind-option checks).
+PLAN_VERSION = 2
 
 # runc's libcontainer/specconv mountFlags table: option → (clear?, flag).
 MOUNT_FLAGS: dict[str, tuple[bool, int]] = {
@@ -44,6 +46,9 @@ PROPAGATION = {
 # Filesystem types a jail may mount itself. Anything else (ext4 on a block device, nfs, fuse...)
 # needs host privilege or a device node the jail does not have, so it is refused at compile time.
 MOUNT_TYPES = {"proc", "tmpfs", "devpts", "mqueue", "sysfs", "cgroup", "cgroup2", "bind", "none", None}
+
+# Top-level properties of the runtime-spec for other platforms: ignored without a notice.
+OTHER_PLATFORMS = {"windows", "solaris", "vm", "zos", "freebsd"}
 
 NS_FLAGS = {
     "user": lsys.CLONE_NEWUSER, "mount": lsys.CLONE_NEWNS, "pid": lsys.CLONE_NEWPID,
@@ -80,6 +85,15 @@ def compile_config(cfg: Any, warnings: list[str]) -> dict[str, Any]:
     from gvmrt.spec import CAP_NUMBERS, RLIMITS
 
     p = cfg.process
+    # The runtime-spec makes runtimes ignore unknown top-level properties, so a misspelt one
+    # ("mount" for "mounts") would silently drop a setting: point out near-misses on stderr.
+    import difflib
+    known = list(type(cfg).model_fields)
+    for key in sorted(set(cfg.model_extra or {}) - OTHER_PLATFORMS):
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        if close:
+            warnings.append(f"top-level property {key!r} is not one gvmrt reads and is ignored; "
+                            f"did you mean {close[0]!r}?")
     ns_types = [ns.type for ns in cfg.linux.namespaces]
     if "mount" not in ns_types:
         raise ConfigError("config.json", "/linux/namespaces",
@@ -100,6 +114,14 @@ def compile_config(cfg: Any, warnings: list[str]) -> dict[str, Any]:
         if not bind and mtype in (None, "none", "bind"):
             raise ConfigError("config.json", f"/mounts/{i}/options",
                               "a mount without a filesystem type must have the \"bind\" or \"rbind\" option")
+        if bind and data:
+            # A bind mount has no filesystem to pass data options to, so the kernel ignores them:
+            # a misspelt flag ("nosiud") or one gvmrt does not implement (crun's "rro", "idmap")
+            # would silently leave the mount more permissive than the config says.
+            j = m.options.index(data[0])
+            raise ConfigError("config.json", f"/mounts/{i}/options/{j}",
+                              f"{data[0]!r} is not a mount flag gvmrt knows, and a bind mount takes no "
+                              f"filesystem options; check the spelling or remove it")
         mounts.append({"dest": m.destination, "type": "bind" if bind else mtype, "source": m.source or mtype,
                        "flags": flags & ~(lsys.MS_BIND | lsys.MS_REC) if bind else flags,
                        "rec": bool(flags & lsys.MS_REC), "prop": prop, "data": data})
@@ -108,6 +130,11 @@ def compile_config(cfg: Any, warnings: list[str]) -> dict[str, Any]:
     if p.capabilities is not None:
         caps = {k: sum(1 << CAP_NUMBERS[n] for n in getattr(p.capabilities, k))
                 for k in ("bounding", "effective", "inheritable", "permitted", "ambient")}
+        stuck = [n for n in p.capabilities.ambient
+                 if n not in p.capabilities.permitted or n not in p.capabilities.inheritable]
+        if stuck:
+            warnings.append(f"process.capabilities.ambient {', '.join(stuck)} not raised: the kernel only "
+                            "raises ambient capabilities that are also permitted and inheritable")
 
     seccomp = None
     if cfg.linux.seccomp is not None:

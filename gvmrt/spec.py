@@ -12,7 +12,7 @@ the top level allows unknown properties, as the runtime-spec requires.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -46,7 +46,23 @@ CAP_NUMBERS = {name: i for i, name in enumerate(CAPABILITIES)}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a JSON value must already have the right type, as Go's encoding/json (runc, the
+    # reference) requires; pydantic's lax mode would read "noNewPrivileges": "no" as false and
+    # "uid": "0" as 0, so a config gvmrt accepts could be one runc refuses.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class _At(ValueError):
+    """A validator error about a member of the value being validated.
+
+    ``path`` (keys and indexes, relative to the validated value) is appended to pydantic's
+    location, so the JSON pointer names e.g. /process/env/3 rather than the whole list, or
+    /hostname rather than the document when a model-level check fails.
+    """
+
+    def __init__(self, path: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def _refuse_if_set(value: Any, what: str, why: str) -> Any:
@@ -55,32 +71,41 @@ def _refuse_if_set(value: Any, what: str, why: str) -> Any:
     return value
 
 
+_Id = Annotated[int, Field(ge=0, le=ID_MAX)]
+
+
 class User(_Strict):
     uid: int = Field(0, ge=0, le=ID_MAX)
     gid: int = Field(0, ge=0, le=ID_MAX)
     umask: int | None = Field(None, ge=0, le=0o777)
-    additionalGids: list[int] = Field(default_factory=list)
+    additionalGids: list[_Id] = Field(default_factory=list)
     username: str | None = None  # Windows only; ignored on Linux by the spec
 
 
+# The names are checked by a validator (for a message that points at the bad entry); the enum is
+# for the JSON Schema only, so editors can complete and flag capability and rlimit names.
+_CapNames = Annotated[list[str], Field(default_factory=list,
+                                       json_schema_extra={"items": {"enum": CAPABILITIES, "type": "string"}})]
+
+
 class Capabilities(_Strict):
-    bounding: list[str] = Field(default_factory=list)
-    effective: list[str] = Field(default_factory=list)
-    inheritable: list[str] = Field(default_factory=list)
-    permitted: list[str] = Field(default_factory=list)
-    ambient: list[str] = Field(default_factory=list)
+    bounding: _CapNames
+    effective: _CapNames
+    inheritable: _CapNames
+    permitted: _CapNames
+    ambient: _CapNames
 
     @field_validator("*")
     @classmethod
     def _known(cls, names: list[str]) -> list[str]:
-        for name in names:
+        for i, name in enumerate(names):
             if name not in CAP_NUMBERS:
-                raise ValueError(f"unknown capability {name!r} (names look like CAP_NET_BIND_SERVICE)")
+                raise _At((i,), f"unknown capability {name!r} (names look like CAP_NET_BIND_SERVICE)")
         return names
 
 
 class Rlimit(_Strict):
-    type: str
+    type: str = Field(json_schema_extra={"enum": list(RLIMITS)})
     soft: int = Field(ge=0, le=2**64 - 1)
     hard: int = Field(ge=0, le=2**64 - 1)
 
@@ -94,7 +119,7 @@ class Rlimit(_Strict):
     @model_validator(mode="after")
     def _order(self) -> Rlimit:
         if self.soft > self.hard:
-            raise ValueError(f"{self.type}: soft limit {self.soft} is above hard limit {self.hard}")
+            raise _At(("soft",), f"{self.type}: soft limit {self.soft} is above hard limit {self.hard}")
         return self
 
 
@@ -121,7 +146,7 @@ class Process(_Strict):
     @classmethod
     def _args(cls, args: list[str]) -> list[str]:
         if not args[0]:
-            raise ValueError("args[0] (the program) must not be empty")
+            raise _At((0,), "args[0] (the program) must not be empty")
         return args
 
     @field_validator("cwd")
@@ -134,9 +159,9 @@ class Process(_Strict):
     @field_validator("env")
     @classmethod
     def _env(cls, env: list[str]) -> list[str]:
-        for item in env:
+        for i, item in enumerate(env):
             if "=" not in item or item.startswith("="):
-                raise ValueError(f"entry {item!r} must look like NAME=value")
+                raise _At((i,), f"entry {item!r} must look like NAME=value")
         return env
 
     @field_validator("apparmorProfile")
@@ -152,9 +177,9 @@ class Process(_Strict):
     @model_validator(mode="after")
     def _unique_rlimits(self) -> Process:
         seen = set()
-        for rl in self.rlimits:
+        for i, rl in enumerate(self.rlimits):
             if rl.type in seen:
-                raise ValueError(f"rlimits: {rl.type} is given twice")
+                raise _At(("rlimits", i, "type"), f"{rl.type} is given twice")
             seen.add(rl.type)
         return self
 
@@ -233,7 +258,7 @@ class Seccomp(_Strict):
 
 
 class DeviceCgroup(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
     allow: bool
     type: str | None = None
     major: int | None = None
@@ -244,7 +269,7 @@ class DeviceCgroup(BaseModel):
 class Resources(BaseModel):
     # Resource limits need a delegated cgroup, which this class of host does not give unprivileged
     # users (DESIGN.md §4): gvmrt reads them only to say on stderr that they are not applied.
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
     devices: list[DeviceCgroup] = Field(default_factory=list)
 
 
@@ -270,9 +295,9 @@ class Linux(_Strict):
     @classmethod
     def _unique(cls, nss: list[Namespace]) -> list[Namespace]:
         seen = set()
-        for ns in nss:
+        for i, ns in enumerate(nss):
             if ns.type in seen:
-                raise ValueError(f"namespace {ns.type!r} is listed twice")
+                raise _At((i, "type"), f"namespace {ns.type!r} is listed twice")
             seen.add(ns.type)
         return nss
 
@@ -295,9 +320,9 @@ class Linux(_Strict):
     @field_validator("maskedPaths", "readonlyPaths")
     @classmethod
     def _abs(cls, paths: list[str]) -> list[str]:
-        for p in paths:
+        for i, p in enumerate(paths):
             if not p.startswith("/"):
-                raise ValueError(f"{p!r} must be an absolute path inside the container")
+                raise _At((i,), f"{p!r} must be an absolute path inside the container")
         return paths
 
 
@@ -313,14 +338,14 @@ class Hooks(_Strict):
     def _none(self) -> Hooks:
         for name in type(self).model_fields:
             if getattr(self, name):
-                raise ValueError(f"hooks.{name}: OCI hooks are not supported yet; remove them")
+                raise _At((name,), "OCI hooks are not supported yet; remove them")
         return self
 
 
 class Config(BaseModel):
     """The whole config.json. Unknown top-level properties are allowed (runtime-spec config.md)."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
     ociVersion: str
     process: Process
     root: Root
@@ -347,25 +372,63 @@ class Config(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _hostname_needs_uts(self) -> Config:
+    def _needs_namespaces(self) -> Config:
+        # runtime-spec config.md: hostname/domainname can only be set with a new UTS namespace.
+        # Without one (gvmrt run as root, no user namespace) they would rename the host, so even
+        # an empty string is refused.
         types = {ns.type for ns in self.linux.namespaces}
-        if self.hostname and "uts" not in types:
-            raise ValueError("hostname needs a 'uts' entry in linux.namespaces (otherwise it would rename the host)")
+        for name in ("hostname", "domainname"):
+            if getattr(self, name) is not None and "uts" not in types:
+                raise _At((name,), f"{name} needs a 'uts' entry in linux.namespaces "
+                                   "(otherwise it would rename the host)")
+        for key in self.linux.sysctl:
+            why = _sysctl_refusal(key, types)
+            if why:
+                raise _At(("linux", "sysctl", key), why)
         return self
+
+
+# Namespaced sysctls (runc libcontainer/configs/validate/validator.go, sysctl()): only these can be
+# set without changing the host; any other key is refused before anything runs.
+_IPC_SYSCTLS = {"kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem", "kernel.shmall",
+                "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced"}
+
+
+def _sysctl_refusal(key: str, ns_types: set[str]) -> str | None:
+    """Why sysctl ``key`` cannot be set in a container with namespaces ``ns_types``, or None."""
+    name = key.replace("/", ".")
+    if name in _IPC_SYSCTLS or name.startswith("fs.mqueue."):
+        return None if "ipc" in ns_types else f"{key} belongs to the IPC namespace; add an 'ipc' namespace"
+    if name.startswith("net."):
+        return None if "network" in ns_types else f"{key} belongs to the network namespace; add a 'network' namespace"
+    if name == "kernel.domainname":
+        return None if "uts" in ns_types else f"{key} belongs to the UTS namespace; add a 'uts' namespace"
+    if name == "kernel.hostname":
+        return f"{key} cannot be set here; use the top-level hostname field"
+    return f"{key} is not namespaced (setting it would change the host); only kernel.msg*, kernel.sem, " \
+           "kernel.shm*, fs.mqueue.*, net.* and kernel.domainname can be set"
 
 
 # --- parsing with errors a person can act on -----------------------------------------------------
 
-def _pointer(loc: tuple[Any, ...]) -> str:
+# Runtime-spec settings gvmrt has no field for (newer than the models, or not implemented): a
+# person who writes one gets "not supported" rather than "check the spelling".
+_SPEC_UNSUPPORTED = {"ioPriority", "scheduler", "execCPUAffinity", "netDevices", "memoryPolicy"}
+
+
+def _pointer(loc: tuple[Any, ...], tail: tuple[Any, ...] = ()) -> str:
+    """RFC 6901 JSON pointer for pydantic's ``loc`` followed by an ``_At`` path ``tail``."""
     # pydantic puts validator names such as "function-after[...]" in loc for union members; drop them.
-    parts = [str(p) for p in loc if not (isinstance(p, str) and "[" in p)]
-    return "/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
+    parts = [str(p) for p in loc if not (isinstance(p, str) and "[" in p)] + [str(p) for p in tail]
+    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
 
 
 def _message(err: dict[str, Any]) -> str:
     kind = err["type"]
     if kind == "missing":
         return "is required"
+    if kind == "extra_forbidden" and err["loc"][-1] in _SPEC_UNSUPPORTED:
+        return "is a runtime-spec setting gvmrt does not support; remove it"
     if kind == "extra_forbidden":
         return "is not a field gvmrt knows here (check the spelling; unknown settings are refused, not ignored)"
     if kind == "too_short" and err["loc"][-1] == "args":
@@ -373,12 +436,20 @@ def _message(err: dict[str, Any]) -> str:
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
-    return msg[0].lower() + msg[1:] if msg else msg
+    # pydantic's own messages start a sentence ("Input should be ..."); ours follow a pointer and a
+    # colon, so lower the first letter of an ordinary word, never of a name ("RLIMIT_NOFILE", "OCI").
+    if msg[:1].isupper() and msg[1:2].islower():
+        msg = msg[0].lower() + msg[1:]
+    return msg
 
 
 def errors_of(exc: ValidationError) -> list[tuple[str, str]]:
     """(JSON pointer, message) for every problem pydantic found."""
-    return [(_pointer(e["loc"]), _message(e)) for e in exc.errors(include_url=False)]
+    out = []
+    for e in exc.errors(include_url=False):
+        at = (e.get("ctx") or {}).get("error")
+        out.append((_pointer(e["loc"], at.path if isinstance(at, _At) else ()), _message(e)))
+    return out
 
 
 def load_json(raw: bytes, file: str) -> Any:

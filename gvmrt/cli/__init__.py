@@ -116,13 +116,13 @@ def parse_globals(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
         arg = argv[i]
         if not arg.startswith("-") or arg == "-":
             break
-        name, _, inline = arg.partition("=")
+        name, eq, inline = arg.partition("=")
         name = _ALIASES.get(name, name)
         if name not in GLOBAL_OPTS:
             return opts, argv[i:]  # --help, --version, or unknown: typer decides
-        takes, _ = GLOBAL_OPTS[name]
+        takes = GLOBAL_OPTS[name][0]
         if takes:
-            opts[name], i = _take(argv, i, name, inline if _ else None)
+            opts[name], i = _take(argv, i, name, inline if eq else None)
         else:
             opts[name] = True
         i += 1
@@ -150,7 +150,7 @@ def parse_verb(verb: str, argv: list[str]) -> tuple[dict[str, Any], list[str]]:
                 continue
             if name not in table:
                 raise UsageError(f"{verb}: unknown option {name} (see `gvmrt {verb} --help`)")
-            takes, _ = table[name]
+            takes = table[name][0]
             if takes:
                 opts[name], i = _take(argv, i, name, inline if eq else None)
             elif eq:

@@ -43,12 +43,21 @@ def spec(
                                          help="write DIR/config.json (refuses to overwrite) instead of printing"),
     rootless: bool = typer.Option(True, "--rootless/--no-userns",
                                   help="put the jail in a user namespace (default; also for root)"),
+    with_mappings: bool = typer.Option(False, "--with-mappings",
+                                       help="write uid/gid mappings for you (runc needs them; they tie the bundle to your uid)"),
     args: Optional[list[str]] = typer.Argument(None, help="the agent's command (default: sh)"),
 ) -> None:
-    """Print a starting config.json: OCI runtime-spec 1.x, rootless, no capabilities, agent seccomp profile."""
+    """Print a starting config.json: OCI runtime-spec 1.x, rootless, no capabilities, agent seccomp profile.
+
+    Without --with-mappings the config maps whoever runs it to root in the jail (gvmrt and crun do
+    that), so the same committed bundle works for every teammate.
+    """
     from gvmrt.spec import default_config
 
     cfg = default_config(rootless=rootless, uid=os.getuid(), gid=os.getgid(), args=args or None)
+    if with_mappings and rootless:
+        cfg["linux"]["uidMappings"] = [{"containerID": 0, "hostID": os.getuid(), "size": 1}]
+        cfg["linux"]["gidMappings"] = [{"containerID": 0, "hostID": os.getgid(), "size": 1}]
     text = json.dumps(cfg, indent=2, sort_keys=False) + "\n"
     if bundle is None:
         sys.stdout.write(text)

@@ -311,8 +311,11 @@ def _finalize(proc: dict[str, Any], bpf: bytes | None, ctx: dict[str, Any]) -> N
     if caps is not None:
         lsys.capset(caps["effective"], caps["permitted"], caps["inheritable"])
         lsys.prctl(lsys.PR_CAP_AMBIENT, lsys.PR_CAP_AMBIENT_CLEAR_ALL)
+        # The kernel raises an ambient capability only if it is permitted and inheritable
+        # (capabilities(7)); gvmrt.plan already warned about the others, which runc skips too.
+        ambient = caps["ambient"] & caps["permitted"] & caps["inheritable"]
         for cap in range(lsys.last_cap() + 1):
-            if caps["ambient"] >> cap & 1:
+            if ambient >> cap & 1:
                 lsys.prctl(lsys.PR_CAP_AMBIENT, lsys.PR_CAP_AMBIENT_RAISE, cap)
     os.umask(proc["umask"])
     if nnp:
