@@ -98,6 +98,13 @@ def compile_config(cfg: Any, warnings: list[str]) -> dict[str, Any]:
     if "mount" not in ns_types:
         raise ConfigError("config.json", "/linux/namespaces",
                           "gvmrt needs a 'mount' namespace (it mounts the overlay root filesystem there)")
+    i = ns_types.index("mount")
+    if cfg.linux.namespaces[i].path:
+        # The overlay root, the config's mounts and pivot_root would land in that namespace,
+        # under the feet of whatever already lives there.
+        raise ConfigError("config.json", f"/linux/namespaces/{i}/path",
+                          "gvmrt builds the root filesystem in a new mount namespace and cannot join one; "
+                          "remove the path")
 
     mounts = []
     for i, m in enumerate(cfg.mounts):

@@ -223,9 +223,11 @@ class Runtime:
         try:
             write_json_atomic(os.path.join(sdir, "state.json"), st)
             fifo = os.path.join(sdir, "exec.fifo")
-            os.mkfifo(fifo, 0o622)
-            for sub in ("upper", "work", "merged"):
-                os.makedirs(os.path.join(data, sub), mode=0o700, exist_ok=True)
+            os.mkfifo(fifo, 0o600)
+            _make_data_dirs(data, rootfs, uid_maps, gid_maps)
+            if uid == 0:
+                # The init reopens the FIFO through /proc/self/fd as the jail's root (runc chowns it too).
+                os.chown(fifo, _host_id(uid_maps, 0, 0), _host_id(gid_maps, 0, 0))
             ctx = {
                 "bundle": bundle, "lowers": [rootfs], "upper": os.path.join(data, "upper"),
                 "work": os.path.join(data, "work"), "merged": os.path.join(data, "merged"), "fifo": fifo,
@@ -233,8 +235,12 @@ class Runtime:
                 and not dict(plan["namespaces"])["network"], "gid_mappings": gid_maps,
                 "setgroups_denied": setgroups_denied, "preserve_fds": preserve_fds,
             }
+            ctx["fifo_fd"] = fifo_fd = os.open(fifo, os.O_PATH | os.O_CLOEXEC)
             parent, child = process.sync_pair()
-            mid = process.spawn(ctx, plan, child, parent)
+            try:
+                mid = process.spawn(ctx, plan, child, parent)
+            finally:
+                os.close(fifo_fd)
             child.close()
             child = None
             init_pid = self._handshake(parent, mid, new_userns, uid_maps, gid_maps, uid)
@@ -506,6 +512,31 @@ def _wait_child(pid: int) -> int:
             if os.WIFSIGNALED(status):
                 return 128 + os.WTERMSIG(status)
             return os.WEXITSTATUS(status)
+
+
+def _host_id(maps: list[list[int]], cid: int, default: int) -> int:
+    for c, h, size in maps:
+        if c <= cid < c + size:
+            return h + cid - c
+    return default
+
+
+def _make_data_dirs(data: str, rootfs: str, uid_maps: list[list[int]], gid_maps: list[list[int]]) -> None:
+    """upper/work/merged on disk. The data dir itself stays 0700 (the agent's writes are private);
+    the upper dir is the overlay's root inode, so it gets the lower root's mode, and it must belong to
+    whoever is root in the jail (a host root mapped to e.g. 200000 is not root over host-root files)."""
+    os.makedirs(data, mode=0o700, exist_ok=True)
+    mode = os.stat(rootfs).st_mode & 0o7777
+    owner = (_host_id(uid_maps, 0, os.getuid()), _host_id(gid_maps, 0, os.getgid()))
+    for sub in ("upper", "work", "merged"):
+        path = os.path.join(data, sub)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        if sub == "upper":
+            os.chmod(path, mode)
+        if os.getuid() == 0 and owner != (0, 0):
+            os.chown(path, *owner)
+    if os.getuid() == 0 and owner != (0, 0):
+        os.chown(data, *owner)
 
 
 def _remove_container(sdir: str, data: str, uid_maps: list[list[int]], gid_maps: list[list[int]]) -> None:

@@ -100,16 +100,20 @@ def spawn(ctx: dict[str, Any], plan: dict[str, Any], child_sock: socket.socket, 
         # Keep only stdio, the fds the caller asked to pass (--preserve-fds) and our sync socket:
         # anything else inherited (e.g. the container's flock'd lock file) must not live on in
         # the jail, where it would block `gvmrt start` or leak host files into the container.
-        keep = child_sock.fileno()
-        first = 3 + ctx["preserve_fds"]
-        if keep >= first:
-            lsys.close_range(first, keep - 1)
-        lsys.close_range(max(first, keep + 1))
+        _close_fds_except(3 + ctx["preserve_fds"], {child_sock.fileno(), ctx["fifo_fd"]})
         code = _intermediate(ctx, plan, child_sock)
     except BaseException as exc:  # noqa: BLE001 - anything must be reported, not raised
         _report(child_sock, exc)
     finally:
         os._exit(code)
+
+
+def _close_fds_except(first: int, keep: set[int]) -> None:
+    for fd in sorted(k for k in keep if k >= first):
+        if fd > first:
+            lsys.close_range(first, fd - 1)
+        first = fd + 1
+    lsys.close_range(first)
 
 
 def _report(sock: socket.socket, exc: BaseException) -> None:
@@ -199,15 +203,11 @@ def _init(ctx: dict[str, Any], plan: dict[str, Any], sock: socket.socket) -> Non
     rootfs.setup(plan, ctx["lowers"], ctx["upper"], ctx["work"], ctx["merged"], ctx["new_userns"], gid_mapped)
     if ctx["new_netns"]:
         lsys.loopback_up()
-    fifo = os.open(ctx["fifo"], os.O_PATH | os.O_CLOEXEC)
+    # The parent opened the FIFO O_PATH (runc's _LIBCONTAINER_FIFOFD): a jail root mapped to another
+    # host id could not even look up the 0700 state dir. The fd survives pivot_root.
+    fifo = ctx["fifo_fd"]
     rootfs.pivot(ctx["merged"], plan["root_readonly"])
 
-    for key, value in plan["sysctl"].items():
-        try:
-            with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
-                f.write(value)
-        except OSError as exc:
-            raise ChildError(f"linux.sysctl {key}={value}: {exc.strerror} (only namespaced sysctls can be set)") from exc
     if proc["oom_score_adj"] is not None:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write(str(proc["oom_score_adj"]))

@@ -216,6 +216,14 @@ def setup(plan: dict[str, Any], lowers: list[str], upper: str, work: str, merged
     for m in plan["mounts"]:
         _mount_one(merged, m, gid_mapped)
     setup_dev(merged)
+    # sysctls go in before readonlyPaths turns /proc/sys read-only (runc's order, too).
+    for key, value in plan["sysctl"].items():
+        try:
+            with open(secure_join(merged, "/proc/sys/" + key.replace(".", "/")), "w") as f:
+                f.write(value)
+        except OSError as exc:
+            raise RootfsError(f"linux.sysctl {key}={value}: {exc.strerror} (only sysctls of the jail's own "
+                              "namespaces can be set)") from exc
     mask_paths(merged, plan["masked"], plan["readonly"])
     if plan["rootfs_propagation"] != lsys.MS_PRIVATE | lsys.MS_REC:
         lsys.mount(None, "/", None, plan["rootfs_propagation"])
