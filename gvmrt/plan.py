@@ -157,6 +157,10 @@ def compile_config(cfg: Any, warnings: list[str]) -> dict[str, Any]:
                             "cgroup to gvmrt (use process.rlimits)")
         if any(d.allow for d in res.devices):
             warnings.append("linux.resources.devices allow rules are moot: the jail only has the default devices")
+    if cfg.gvm:
+        # Honesty until the sidecar lands: a policy a user wrote must not look enforced.
+        warnings.append("the gvm section (egress, dns, credentials, ...) is not enforced by this gvmrt version: "
+                        "the jail has no network beyond loopback")
     if cfg.linux.cgroupsPath:
         warnings.append(f"linux.cgroupsPath {cfg.linux.cgroupsPath!r} ignored: no cgroup delegation on this host")
 
@@ -190,7 +194,8 @@ def compile_config(cfg: Any, warnings: list[str]) -> dict[str, Any]:
 
 
 def cache_dir() -> str:
-    if os.getuid() == 0:
+    from gvmrt.statedir import is_host_root
+    if is_host_root():
         return "/var/cache/gvmrt/plans"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "gvmrt", "plans")
