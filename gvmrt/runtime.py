@@ -481,6 +481,11 @@ def _container_pids(init_pid: int) -> list[int]:
         target = os.readlink(f"/proc/{init_pid}/ns/pid")
     except OSError:
         return [init_pid]
+    if target == os.readlink("/proc/self/ns/pid"):
+        # Without its own pid namespace (and without a delegated cgroup) the container's processes
+        # cannot be told from the host's: signalling "all" would hit everything we may signal.
+        raise UsageError("kill --all needs a container with its own pid namespace "
+                         "(add {\"type\": \"pid\"} to linux.namespaces); signal the init without --all")
     pids = []
     for name in os.listdir("/proc"):
         if name.isdigit() and int(name) != init_pid:

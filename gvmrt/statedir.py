@@ -51,9 +51,27 @@ def _owned_dir(path: str, create: bool) -> str:
     return path
 
 
+_HOST_ROOT: bool | None = None
+
+
+def is_host_root() -> bool:
+    """uid 0 in the initial user namespace. uid 0 inside someone else's user namespace (a rootless
+    container, `unshare -r`) cannot use /run or /var/lib and is treated as rootless."""
+    global _HOST_ROOT
+    if _HOST_ROOT is None:
+        _HOST_ROOT = False
+        if os.getuid() == 0:
+            try:
+                with open("/proc/self/uid_map") as f:
+                    _HOST_ROOT = f.read().split() == ["0", "0", "4294967295"]
+            except OSError:
+                _HOST_ROOT = True
+    return _HOST_ROOT
+
+
 def default_state_root() -> str:
     uid = os.getuid()
-    if uid == 0:
+    if is_host_root():
         return "/run/gvmrt"
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
@@ -69,7 +87,7 @@ def default_state_root() -> str:
 
 
 def data_root() -> str:
-    if os.getuid() == 0:
+    if is_host_root():
         return "/var/lib/gvmrt"
     base = os.environ.get("XDG_DATA_HOME")
     if not base:
