@@ -11,37 +11,31 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 
 
 def _rmtree_fixing_modes(path: str) -> None:
-    def onerror(func, p, exc_info):  # noqa: ANN001 - shutil's callback signature
-        exc = exc_info[1]
-        if isinstance(exc, FileNotFoundError):
-            return
-        if isinstance(exc, PermissionError):
-            parent = os.path.dirname(p)
-            for d in (parent, p):
-                try:
-                    st = os.lstat(d)
-                    if stat.S_ISDIR(st.st_mode):
-                        os.chmod(d, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
-                except OSError:
-                    pass
+    """rm -rf that first gives us rwx on every directory it enters (no shutil: it imports ~3 ms)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+    if st.st_mode & 0o700 != 0o700:
+        os.chmod(path, stat.S_IMODE(st.st_mode) | 0o700)
+    with os.scandir(path) as it:
+        entries = [(e.path, e.is_dir(follow_symlinks=False)) for e in it]
+    for child, is_dir in entries:
+        if is_dir:
+            _rmtree_fixing_modes(child)
+        else:
             try:
-                if os.path.isdir(p) and not os.path.islink(p):
-                    shutil.rmtree(p, onerror=onerror)
-                else:
-                    os.unlink(p)
-                return
+                os.unlink(child)
             except FileNotFoundError:
-                return
-            except OSError:
                 pass
-        raise exc
-
-    shutil.rmtree(path, onerror=onerror)
+    os.rmdir(path)
 
 
 def remove_tree(path: str, uid_maps: list[list[int]], gid_maps: list[list[int]]) -> None:

@@ -202,9 +202,12 @@ IFF_UP = 0x1
 
 
 def loopback_up() -> None:
+    import _socket  # `socket` imports enum (~7 ms)
     import fcntl
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
         req = struct.pack("16sh14x", b"lo", 0)
         flags = struct.unpack("16sh14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, req))[1]
         fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sh14x", b"lo", flags | IFF_UP))
+    finally:
+        s.close()
