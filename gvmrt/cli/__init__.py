@@ -29,30 +29,29 @@ GLOBAL_OPTS: dict[str, tuple[bool, str]] = {
 }
 _ALIASES = {"-b": "--bundle", "-f": "--force", "-a": "--all", "-d": "--detach", "-q": "--quiet", "-h": "--help"}
 
+# create and run take the same options (runc's); run adds its own two.
+_CREATE_OPTS: dict[str, tuple[bool, str]] = {
+    "--bundle": (True, "bundle directory (default: the current directory)"),
+    "--pid-file": (True, "write the container init's host pid to FILE"),
+    "--id": (True, "container id when the argument is a bundle directory"),
+    "--console-socket": (True, "unix socket for the pty master (process.terminal)"),
+    "--preserve-fds": (True, "pass N extra fds (from 3 on) to the container"),
+    "--no-pivot": (False, "accepted; gvmrt always uses pivot_root"),
+    "--no-new-keyring": (False, "accepted; gvmrt never creates a session keyring"),
+}
+
 VERBS: dict[str, dict[str, Any]] = {
     "create": {
         "usage": "create [--bundle DIR] [--pid-file FILE] <id | bundle-dir>",
         "help": "Create a container from a bundle; its process waits for `gvmrt start`.",
-        "opts": {"--bundle": (True, "bundle directory (default: the current directory)"),
-                 "--pid-file": (True, "write the container init's host pid to FILE"),
-                 "--id": (True, "container id when the argument is a bundle directory"),
-                 "--console-socket": (True, "unix socket for the pty master (process.terminal)"),
-                 "--preserve-fds": (True, "pass N extra fds (from 3 on) to the container"),
-                 "--no-pivot": (False, "accepted; gvmrt always uses pivot_root"),
-                 "--no-new-keyring": (False, "accepted; gvmrt never creates a session keyring")},
+        "opts": _CREATE_OPTS,
     },
     "run": {
         "usage": "run [--bundle DIR] [--detach] [--keep] <id | bundle-dir>",
         "help": "Create, start and wait; exit with the container's status (128+N for signal N).",
-        "opts": {"--bundle": (True, "bundle directory (default: the current directory)"),
-                 "--pid-file": (True, "write the container init's host pid to FILE"),
-                 "--id": (True, "container id when the argument is a bundle directory"),
+        "opts": {**_CREATE_OPTS,
                  "--detach": (False, "return once the container runs"),
-                 "--keep": (False, "keep the container (state, upper dir) after it exits"),
-                 "--console-socket": (True, "unix socket for the pty master (process.terminal)"),
-                 "--preserve-fds": (True, "pass N extra fds (from 3 on) to the container"),
-                 "--no-pivot": (False, "accepted; gvmrt always uses pivot_root"),
-                 "--no-new-keyring": (False, "accepted; gvmrt never creates a session keyring")},
+                 "--keep": (False, "keep the container (state, upper dir) after it exits")},
     },
     "start": {"usage": "start <id | bundle-dir>", "help": "Run the created container's process.", "opts": {}},
     "state": {"usage": "state <id | bundle-dir>", "help": "Print the OCI state of a container as JSON.", "opts": {}},
