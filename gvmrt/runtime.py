@@ -58,8 +58,8 @@ def status_of(st: dict[str, Any], sdir: str) -> str:
         lock = Lock(sdir)
         try:
             got = lock.acquire(blocking=False)
-        except OSError:
-            got = True
+        except (OSError, ContainerNotFound):
+            got = True  # no lock file at all: create died right after making the directory
         if got:
             lock.release()
             return STOPPED
@@ -213,7 +213,7 @@ class Runtime:
             os.mkdir(sdir, 0o700)
         except FileExistsError:
             raise ContainerExists(cid) from None
-        lock = Lock(sdir)
+        lock = Lock(sdir, cid, create=True)
         lock.acquire()
         data = self.root.data_dir(cid)
         st: dict[str, Any] = {
@@ -309,7 +309,7 @@ class Runtime:
     # start ------------------------------------------------------------------
     def start(self, cid: str) -> None:
         sdir, st = self._load(cid)
-        with Lock(sdir):
+        with Lock(sdir, cid):
             status = status_of(st, sdir)
             lifecycle.check(cid, "start", status)
             fifo = os.path.join(sdir, "exec.fifo")
@@ -337,17 +337,22 @@ class Runtime:
         sdir = self.root.dir(validate_id(cid))
         if not os.path.isdir(sdir):
             raise ContainerNotFound(cid)
-        lock = Lock(sdir)
-        if force:
-            # A dead create may leave the lock... no: flock dies with its holder. Wait briefly for
-            # a live one, then go ahead: --force must always be able to clean up.
-            deadline = time.monotonic() + 5
-            while not lock.acquire(blocking=False):
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
-        else:
-            lock.acquire()
+        lock = Lock(sdir, cid)
+        try:
+            if force:
+                # flock dies with its holder, so only a live command holds it: wait briefly for that
+                # one, then go ahead regardless, because --force must always be able to clean up.
+                deadline = time.monotonic() + 5
+                while not lock.acquire(blocking=False):
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+            else:
+                lock.acquire()
+        except ContainerNotFound:
+            if not (force and os.path.isdir(sdir) and not os.path.exists(lock.path)):
+                raise
+            # A husk: `create` died between making the directory and its lock file.
         try:
             st = read_state(sdir, cid)
             status = status_of(st, sdir) if lock.fd >= 0 else CREATING

@@ -154,14 +154,23 @@ def read_state(sdir: str, cid: str) -> dict[str, Any]:
 
 
 class Lock:
-    """flock(2) on <state>/<id>/lock: serialises commands on one container."""
+    """flock(2) on <state>/<id>/lock: serialises commands on one container.
 
-    def __init__(self, sdir: str) -> None:
+    Only `create` makes the lock file. Everyone else opens it as it is: if the container was deleted
+    before (no file) or while we waited (we hold a lock on an unlinked file), it does not exist.
+    """
+
+    def __init__(self, sdir: str, cid: str | None = None, create: bool = False) -> None:
         self.path = os.path.join(sdir, "lock")
+        self.cid = cid or os.path.basename(sdir)
+        self.create = create
         self.fd = -1
 
     def acquire(self, blocking: bool = True) -> bool:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if self.create else 0), 0o600)
+        except FileNotFoundError:
+            raise ContainerNotFound(self.cid) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except OSError as exc:
@@ -170,6 +179,9 @@ class Lock:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 return False
             raise
+        if not self.create and os.fstat(self.fd).st_nlink == 0:
+            self.release()
+            raise ContainerNotFound(self.cid)
         return True
 
     def release(self) -> None:
