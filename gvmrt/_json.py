@@ -64,7 +64,7 @@ def _encode(obj, out: list[str], indent: int | None, level: int) -> None:  # noq
     elif isinstance(obj, int):
         out.append(int.__repr__(obj))
     elif isinstance(obj, float):
-        out.append(float.__repr__(obj))
+        out.append(_float(obj))
     elif isinstance(obj, (list, tuple)):
         if not obj:
             out.append("[]")
@@ -85,11 +85,35 @@ def _encode(obj, out: list[str], indent: int | None, level: int) -> None:  # noq
         for i, (key, value) in enumerate(obj.items()):
             if i:
                 out.append(sep)
-            out.append(_esc(str(key)) + ": " if indent is not None else _esc(str(key)) + ":")
+            out.append(_esc(_key(key)) + (": " if indent is not None else ":"))
             _encode(value, out, indent, level + 1)
         out.append(close + "}")
     else:
         raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+
+
+def _float(x: float) -> str:
+    if x != x:
+        return "NaN"
+    if x in (float("inf"), float("-inf")):
+        return "Infinity" if x > 0 else "-Infinity"
+    return float.__repr__(x)
+
+
+def _key(key) -> str:  # noqa: ANN001 - json.dumps's key coercion
+    if isinstance(key, str):
+        return key
+    if key is True:
+        return "true"
+    if key is False:
+        return "false"
+    if key is None:
+        return "null"
+    if isinstance(key, float):
+        return _float(key)
+    if isinstance(key, int):
+        return int.__repr__(key)
+    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
 
 
 def _layout(indent: int | None, level: int) -> tuple[str, str, str]:

@@ -42,6 +42,13 @@ class ContainerExists(GvmrtError):
         super().__init__(f"container {cid!r} already exists; choose another id or `gvmrt delete {cid}` first")
 
 
+class StateCorrupt(GvmrtError):
+    """state.json exists but cannot be read as a container state; only delete --force helps."""
+
+    def __init__(self, cid: str, why: str) -> None:
+        super().__init__(f"state of container {cid!r} is corrupt ({why}); `gvmrt delete --force {cid}` removes it")
+
+
 class StateError(GvmrtError):
     """A lifecycle command that is illegal in the container's current state."""
 

@@ -13,8 +13,9 @@ CREATING, CREATED, RUNNING, STOPPED = "creating", "created", "running", "stopped
 
 # status → {event: next status}
 TRANSITIONS: dict[str, dict[str, str]] = {
-    CREATING: {"init-ready": CREATED, "init-died": STOPPED},
-    CREATED: {"start": RUNNING, "kill": STOPPED, "delete": STOPPED, "init-died": STOPPED},
+    CREATING: {"init-ready": CREATED, "init-died": STOPPED, "delete --force": STOPPED},
+    CREATED: {"start": RUNNING, "kill": STOPPED, "delete": STOPPED, "delete --force": STOPPED,
+              "init-died": STOPPED},
     RUNNING: {"kill": RUNNING, "exit": STOPPED, "delete --force": STOPPED},
     STOPPED: {"delete": STOPPED, "delete --force": STOPPED},
 }

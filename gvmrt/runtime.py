@@ -14,7 +14,8 @@ import select
 import time
 
 from gvmrt import OCI_VERSION, lifecycle
-from gvmrt.errors import ContainerExists, ContainerNotFound, GvmrtError, HostError, StateError, UsageError
+from gvmrt.errors import (ContainerExists, ContainerNotFound, GvmrtError, HostError, StateCorrupt, StateError,
+                          UsageError)
 from gvmrt.lifecycle import CREATED, CREATING, RUNNING, STOPPED
 from gvmrt.statedir import Lock, StateRoot, read_state, validate_id, write_json_atomic
 
@@ -354,7 +355,12 @@ class Runtime:
                 raise
             # A husk: `create` died between making the directory and its lock file.
         try:
-            st = read_state(sdir, cid)
+            try:
+                st = read_state(sdir, cid)
+            except StateCorrupt:
+                if not force:
+                    raise
+                st = {"id": cid, "status": STOPPED, "pid": 0}  # nothing to signal: just remove it
             status = status_of(st, sdir) if lock.fd >= 0 else CREATING
             lifecycle.check(cid, "delete --force" if force else "delete", status)
             if st.get("pid") and status != STOPPED:

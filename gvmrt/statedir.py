@@ -15,14 +15,14 @@ import os
 import stat
 
 from gvmrt import _json
-from gvmrt.errors import ContainerNotFound, GvmrtError, HostError, UsageError
+from gvmrt.errors import ContainerNotFound, HostError, StateCorrupt, UsageError
 
 TYPE_CHECKING = False  # typing costs ~2 ms to import; annotations are strings (PEP 563)
 if TYPE_CHECKING:
     from typing import Any
 
 _ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
-ID_MAX_LEN = 1024
+ID_MAX_LEN = 255  # the id names a directory: NAME_MAX
 
 
 def validate_id(cid: str) -> str:
@@ -131,26 +131,33 @@ class StateRoot:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
+    data = _json.dumps(obj).encode()  # before creating anything: an encoding error leaves no file
     tmp = f"{path}.tmp{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, _json.dumps(obj).encode())
-    finally:
+        os.write(fd, data)
+    except BaseException:
         os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
     os.replace(tmp, path)
 
 
 def read_state(sdir: str, cid: str) -> dict[str, Any]:
     try:
         with open(os.path.join(sdir, "state.json"), "rb") as f:
-            return _json.loads(f.read())
+            st = _json.loads(f.read())
     except FileNotFoundError:
         if os.path.isdir(sdir):
             # create was killed before it wrote anything: a husk that only delete --force removes.
             return {"id": cid, "status": "creating", "pid": 0, "husk": True}
         raise ContainerNotFound(cid) from None
     except ValueError as exc:
-        raise GvmrtError(f"state of container {cid!r} is corrupt ({exc}); `gvmrt delete --force {cid}`") from exc
+        raise StateCorrupt(cid, str(exc)) from None
+    if not isinstance(st, dict) or not isinstance(st.get("id"), str):
+        raise StateCorrupt(cid, "not a state object")
+    return st
 
 
 class Lock:

@@ -126,6 +126,8 @@ def parse_globals(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
         takes = GLOBAL_OPTS[name][0]
         if takes:
             opts[name], i = _take(argv, i, name, inline if eq else None)
+        elif eq:
+            raise UsageError(f"option {name} takes no value")
         else:
             opts[name] = True
         i += 1
@@ -143,16 +145,15 @@ def parse_verb(verb: str, argv: list[str]) -> tuple[dict[str, Any], list[str]]:
             pos.extend(argv[i + 1:])
             break
         if arg.startswith("-") and len(arg) > 1 and not (verb == "kill" and pos and arg[1:].isdigit()):
-            name, eq, inline = arg.partition("=")
-            name = _ALIASES.get(name, name)
-            if verb == "list" and arg == "-f":
-                name = "--format"
+            typed, eq, inline = arg.partition("=")
+            # -f is --format for list (runc's), --force elsewhere
+            name = "--format" if verb == "list" and typed == "-f" else _ALIASES.get(typed, typed)
             if name == "--help":
                 opts["--help"] = True
                 i += 1
                 continue
             if name not in table:
-                raise UsageError(f"{verb}: unknown option {name} (see `gvmrt {verb} --help`)")
+                raise UsageError(f"{verb}: unknown option {typed} (see `gvmrt {verb} --help`)")
             takes = table[name][0]
             if takes:
                 opts[name], i = _take(argv, i, name, inline if eq else None)
@@ -179,7 +180,7 @@ def verb_help(verb: str) -> str:
 
 def parse_signal(text: str) -> int:
     import _signal  # the C module: `signal` imports enum (~4 ms)
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         n = int(text)
         if 0 < n < _signal.NSIG:
             return n

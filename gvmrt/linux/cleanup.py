@@ -15,18 +15,21 @@ import stat
 
 
 def _rmtree_fixing_modes(path: str) -> None:
-    """rm -rf that first gives us rwx on every directory it enters (no shutil: it imports ~3 ms)."""
+    """rm -rf that first gives us rwx on every directory it enters (no shutil: it imports ~3 ms).
+
+    Idempotent under concurrency: whatever another `delete --force` removed first is simply gone.
+    """
     try:
         st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(path)
+            return
+        if st.st_mode & 0o700 != 0o700:
+            os.chmod(path, stat.S_IMODE(st.st_mode) | 0o700)
+        with os.scandir(path) as it:
+            entries = [(e.path, e.is_dir(follow_symlinks=False)) for e in it]
     except FileNotFoundError:
         return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(path)
-        return
-    if st.st_mode & 0o700 != 0o700:
-        os.chmod(path, stat.S_IMODE(st.st_mode) | 0o700)
-    with os.scandir(path) as it:
-        entries = [(e.path, e.is_dir(follow_symlinks=False)) for e in it]
     for child, is_dir in entries:
         if is_dir:
             _rmtree_fixing_modes(child)
@@ -35,7 +38,10 @@ def _rmtree_fixing_modes(path: str) -> None:
                 os.unlink(child)
             except FileNotFoundError:
                 pass
-    os.rmdir(path)
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
 
 
 def remove_tree(path: str, uid_maps: list[list[int]], gid_maps: list[list[int]]) -> None:

@@ -53,9 +53,9 @@ def secure_join(root: str, unsafe: str) -> str:
         try:
             st = os.lstat(candidate)
         except FileNotFoundError:
+            # Nothing below a missing component exists either; keep honouring "." and "..".
             resolved.append(comp)
-            resolved.extend(p for p in pending if p not in (".", ".."))
-            break
+            continue
         if stat.S_ISLNK(st.st_mode):
             hops += 1
             if hops > 40:
