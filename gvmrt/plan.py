@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # Part of the cache key: bump it whenever validation or the plan's shape changes, so a plan cached
 # under older, laxer rules is never used (2: stricter JSON types, sysctl and bind-option checks).
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 
 # runc's libcontainer/specconv mountFlags table: option → (clear?, flag).
 MOUNT_FLAGS: dict[str, tuple[bool, int]] = {
@@ -184,6 +184,7 @@ def compile_config(cfg: Any, warnings: list[str]) -> dict[str, Any]:
         "sysctl": dict(cfg.linux.sysctl),
         "process": {
             "args": list(p.args), "env": list(p.env), "cwd": p.cwd, "terminal": p.terminal,
+            "console_size": [p.consoleSize.height, p.consoleSize.width] if p.consoleSize else None,
             "uid": p.user.uid, "gid": p.user.gid, "groups": list(p.user.additionalGids),
             "umask": p.user.umask if p.user.umask is not None else 0o022,
             "caps": caps, "nnp": p.noNewPrivileges, "oom_score_adj": p.oomScoreAdj,

@@ -177,7 +177,7 @@ class Runtime:
 
     # create -----------------------------------------------------------------
     def create(self, cid: str, bundle: str, *, pid_file: str | None = None, preserve_fds: int = 0,
-               console_socket: str | None = None, keep_parent_handle: bool = False) -> dict[str, Any]:
+               console_socket: str | None = None) -> dict[str, Any]:
         from gvmrt.linux import process
         from gvmrt.plan import NS_FLAGS, load_plan
 
@@ -194,8 +194,8 @@ class Runtime:
         if plan["process"]["terminal"] and not console_socket:
             raise UsageError(f"{cfg_path}: /process/terminal: true needs --console-socket "
                              f"(or set terminal to false to keep the caller's stdio)")
-        if console_socket:
-            raise UsageError("--console-socket is not supported yet; set process.terminal to false")
+        if console_socket and not plan["process"]["terminal"]:
+            raise UsageError(f"--console-socket needs process.terminal true in {cfg_path} (as with runc)")
         _check_host(plan, cfg_path)
 
         ns_types = {t for t, _ in plan["namespaces"]}
@@ -240,11 +240,15 @@ class Runtime:
                 "setgroups_denied": setgroups_denied, "preserve_fds": preserve_fds,
             }
             ctx["fifo_fd"] = fifo_fd = os.open(fifo, os.O_PATH | os.O_CLOEXEC)
+            console = _connect_console(console_socket) if console_socket else None
+            ctx["console_fd"] = console.fileno() if console else -1
             parent, child = process.sync_pair()
             try:
                 mid = process.spawn(ctx, plan, child, parent)
             finally:
                 os.close(fifo_fd)
+                if console:
+                    console.close()
             child.close()
             child = None
             init_pid = self._handshake(parent, mid, new_userns, uid_maps, gid_maps, uid)
@@ -375,14 +379,14 @@ class Runtime:
 
     # run --------------------------------------------------------------------
     def run(self, cid: str, bundle: str, *, detach: bool = False, keep: bool = False, pid_file: str | None = None,
-            preserve_fds: int = 0) -> int:
+            preserve_fds: int = 0, console_socket: str | None = None) -> int:
         """create + start (+ wait and delete): the exit status, or 128+N for signal N."""
         from gvmrt.linux import sys as lsys
         if not detach:
             # The init is orphaned when the intermediate child exits; as a subreaper we inherit it,
             # so we can wait for it and return its status (prctl(2) PR_SET_CHILD_SUBREAPER).
             lsys.prctl(lsys.PR_SET_CHILD_SUBREAPER, 1)
-        st = self.create(cid, bundle, pid_file=pid_file, preserve_fds=preserve_fds)
+        st = self.create(cid, bundle, pid_file=pid_file, preserve_fds=preserve_fds, console_socket=console_socket)
         pid = st["pid"]
         forwarded = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT, _signal.SIGUSR1,
                      _signal.SIGUSR2, _signal.SIGWINCH)
@@ -425,6 +429,18 @@ def _owner(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except (KeyError, ImportError):
         return str(uid)
+
+
+def _connect_console(path: str) -> Any:
+    """Connect to the caller's --console-socket here, on the host: the init cannot reach its path."""
+    import _socket
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"--console-socket {path}: {exc.strerror}") from None
+    return sock
 
 
 def _write_pid_file(path: str, pid: int) -> None:

@@ -223,14 +223,14 @@ def run_verb(verb: str, gopts: dict[str, Any], argv: list[str], out: Out) -> int
             bundle = opts.get("--bundle") or os.getcwd()
         elif "--bundle" in opts:
             raise UsageError(f"{verb}: give either a bundle directory or --bundle, not both")
-        if "--console-socket" in opts:
-            raise UsageError("--console-socket is not supported yet; set process.terminal to false in config.json")
         preserve = _int_opt(opts, "--preserve-fds")
         if verb == "create":
-            rt.create(cid, bundle, pid_file=opts.get("--pid-file"), preserve_fds=preserve)
+            rt.create(cid, bundle, pid_file=opts.get("--pid-file"), preserve_fds=preserve,
+                      console_socket=opts.get("--console-socket"))
             return 0
         return rt.run(cid, bundle, detach=bool(opts.get("--detach")), keep=bool(opts.get("--keep")),
-                      pid_file=opts.get("--pid-file"), preserve_fds=preserve)
+                      pid_file=opts.get("--pid-file"), preserve_fds=preserve,
+                      console_socket=opts.get("--console-socket"))
     if verb == "list":
         _positional(verb, pos, 0)
         fmt = opts.get("--format", "table")

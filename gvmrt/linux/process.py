@@ -119,7 +119,7 @@ def spawn(ctx: dict[str, Any], plan: dict[str, Any], child_sock: Any, parent_soc
         # Keep only stdio, the fds the caller asked to pass (--preserve-fds) and our sync socket:
         # anything else inherited (e.g. the container's flock'd lock file) must not live on in
         # the jail, where it would block `gvmrt start` or leak host files into the container.
-        _close_fds_except(3 + ctx["preserve_fds"], {child_sock.fileno(), ctx["fifo_fd"]})
+        _close_fds_except(3 + ctx["preserve_fds"], {child_sock.fileno(), ctx["fifo_fd"], ctx["console_fd"]})
         code = _intermediate(ctx, plan, child_sock)
     except BaseException as exc:  # noqa: BLE001 - anything must be reported, not raised
         _report(child_sock, exc)
@@ -226,6 +226,7 @@ def _init(ctx: dict[str, Any], plan: dict[str, Any], sock: Any) -> None:
     # host id could not even look up the 0700 state dir. The fd survives pivot_root.
     fifo = ctx["fifo_fd"]
     rootfs.pivot(ctx["merged"], plan["root_readonly"])
+    tty = _setup_console(ctx["console_fd"], proc["console_size"]) if ctx["console_fd"] >= 0 else -1
 
     if proc["oom_score_adj"] is not None:
         with open("/proc/self/oom_score_adj", "w") as f:
@@ -263,7 +264,7 @@ def _init(ctx: dict[str, Any], plan: dict[str, Any], sock: Any) -> None:
     os.close(wfd)
     os.close(fifo)
     try:
-        _finalize(proc, bpf, ctx)
+        _finalize(proc, bpf, ctx, tty)
         os.execve(path, proc["args"], env)
     except OSError as exc:
         _die(f"exec {proc['args'][0]}: {exc.strerror}")
@@ -303,7 +304,42 @@ def _lookup(prog: str, env: dict[str, str]) -> str:
                      + ("" if "/" in prog else " $PATH"))
 
 
-def _finalize(proc: dict[str, Any], bpf: bytes | None, ctx: dict[str, Any]) -> None:
+# <asm-generic/ioctls.h>
+TIOCGPTN, TIOCSPTLCK, TIOCSCTTY, TIOCSWINSZ = 0x80045430, 0x40045431, 0x540E, 0x5414
+
+
+def _setup_console(console_fd: int, size: list[int] | None) -> int:
+    """process.terminal: a pty from the jail's own devpts; the master goes to the caller's
+    --console-socket in one SCM_RIGHTS message (runc's protocol, what conmon and recvtty read),
+    the slave is bound on /dev/console and becomes the process's controlling terminal."""
+    import fcntl
+    import struct
+    try:
+        master = os.open("/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ChildError(f"process.terminal: cannot open /dev/pts/ptmx ({exc.strerror}); mount devpts on "
+                         "/dev/pts with newinstance") from exc
+    fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+    n = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))[0]
+    slave_path = f"/dev/pts/{n}"
+    slave = os.open(slave_path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    if size:
+        fcntl.ioctl(slave, TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, console_fd)
+    try:
+        sock.sendmsg([slave_path.encode()], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("i", master))])
+    except OSError as exc:
+        raise ChildError(f"--console-socket: sending the pty master: {exc.strerror}") from exc
+    finally:
+        sock.close()
+        os.close(master)
+    if not os.path.exists("/dev/console"):
+        os.close(os.open("/dev/console", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+    lsys.mount(slave_path, "/dev/console", None, lsys.MS_BIND)
+    return slave
+
+
+def _finalize(proc: dict[str, Any], bpf: bytes | None, ctx: dict[str, Any], tty: int = -1) -> None:
     """Drop to the configured user and capabilities, then seccomp (runc's finalizeNamespace order)."""
     # Signals ignored by Python (SIGPIPE, SIGXFSZ) stay ignored across execve: restore defaults.
     for sig in (_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGINT, _signal.SIGTERM):
@@ -339,6 +375,12 @@ def _finalize(proc: dict[str, Any], bpf: bytes | None, ctx: dict[str, Any]) -> N
     os.umask(proc["umask"])
     if nnp:
         lsys.prctl(lsys.PR_SET_NO_NEW_PRIVS, 1)
+    if tty >= 0:
+        import fcntl
+        os.setsid()
+        fcntl.ioctl(tty, TIOCSCTTY, 0)
+        for fd in (0, 1, 2):
+            os.dup2(tty, fd)
     lsys.close_range(3 + ctx["preserve_fds"])
     if bpf and nnp:
         # As close to execve as possible, so the profile constrains the agent, not gvmrt's setup.

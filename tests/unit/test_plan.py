@@ -179,7 +179,7 @@ def test_rlimit_numbers() -> None:
 
 def test_process_defaults() -> None:
     proc = compile_(config())[0]["process"]
-    assert proc == {"args": ["/bin/sh"], "env": [], "cwd": "/", "terminal": False, "uid": 0, "gid": 0,
+    assert proc == {"args": ["/bin/sh"], "env": [], "cwd": "/", "terminal": False, "console_size": None, "uid": 0, "gid": 0,
                     "groups": [], "umask": 0o022, "caps": None, "nnp": False, "oom_score_adj": None,
                     "rlimits": []}
 
