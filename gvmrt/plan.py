@@ -135,7 +135,8 @@ def compile_config(cfg: Any, warnings: list[str]) -> dict[str, Any]:
                        "flags": flags & ~(lsys.MS_BIND | lsys.MS_REC) if bind else flags,
                        "rec": bool(flags & lsys.MS_REC), "prop": prop, "data": data})
 
-    caps = None
+    # No "capabilities" object means none at all (runc): never "keep whatever the init has".
+    caps = {k: 0 for k in ("bounding", "effective", "inheritable", "permitted", "ambient")}
     if p.capabilities is not None:
         caps = {k: sum(1 << CAP_NUMBERS[n] for n in getattr(p.capabilities, k))
                 for k in ("bounding", "effective", "inheritable", "permitted", "ambient")}
@@ -159,13 +160,19 @@ def compile_config(cfg: Any, warnings: list[str]) -> dict[str, Any]:
             warnings.append(f"linux.resources.{{{','.join(ignored)}}} not applied: this host does not delegate a "
                             "cgroup to gvmrt (use process.rlimits)")
         if any(d.allow for d in res.devices):
-            warnings.append("linux.resources.devices allow rules are moot: the jail only has the default devices")
+            warnings.append("linux.resources.devices allow rules are moot: every jail mount is nodev except the "
+                            "default devices and devpts")
     if cfg.gvm:
         # Honesty until the sidecar lands: a policy a user wrote must not look enforced.
         warnings.append("the gvm section (egress, dns, credentials, ...) is not enforced by this gvmrt version: "
                         "the jail has no network beyond loopback")
     if cfg.linux.cgroupsPath:
         warnings.append(f"linux.cgroupsPath {cfg.linux.cgroupsPath!r} ignored: no cgroup delegation on this host")
+
+    if "pid" not in ns_types:
+        raise ConfigError("config.json", "/linux/namespaces",
+                          "gvmrt needs a 'pid' namespace: without a delegated cgroup it is how gvmrt finds, and "
+                          "kill and delete stop, every process of the container")
 
     return {
         "plan": PLAN_VERSION,
@@ -209,11 +216,13 @@ def load_plan(raw: bytes, file: str) -> dict[str, Any]:
     """The plan for config.json bytes ``raw``: from the cache, or validated, compiled and cached."""
     key = cache_key(raw)
     path = os.path.join(cache_dir(), key[:2], key + ".json")
+    trusted = _private(os.path.dirname(path)) and _private(os.path.dirname(os.path.dirname(path)))
     try:
-        with open(path, "rb") as f:
-            plan = _json.loads(f.read())
-        if plan.get("plan") == PLAN_VERSION:
-            return plan
+        if trusted and _private(path):
+            with open(path, "rb") as f:
+                plan = _json.loads(f.read())
+            if plan.get("plan") == PLAN_VERSION:
+                return plan
     except (OSError, ValueError):
         pass
     from gvmrt.errors import ConfigError
@@ -227,8 +236,19 @@ def load_plan(raw: bytes, file: str) -> dict[str, Any]:
         plan = compile_config(cfg, [])
     except ConfigError as exc:
         raise ConfigError(file, exc.pointer, exc.message) from None
-    _store(path, plan)
+    if trusted or not os.path.exists(os.path.dirname(path)):
+        _store(path, plan)
     return plan
+
+
+def _private(path: str) -> bool:
+    """Ours and writable by nobody else: a cached plan decides seccomp and capabilities, so one
+    someone else could write is ignored (the config is validated again instead)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
 def _store(path: str, plan: dict[str, Any]) -> None:

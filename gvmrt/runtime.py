@@ -139,6 +139,21 @@ def _check_host(plan: dict[str, Any], file: str) -> None:
                               f"use at most {cur_hard}")
 
 
+def _check_mapped(proc: dict[str, Any], uid_maps: list[list[int]], gid_maps: list[list[int]], file: str) -> None:
+    """The process's ids must exist in the user namespace, or setresuid fails after `start`."""
+    from gvmrt.errors import ConfigError
+
+    def mapped(maps: list[list[int]], i: int) -> bool:
+        return any(c <= i < c + s for c, _, s in maps)
+    checks = [("/process/user/uid", proc["uid"], uid_maps, "uid"), ("/process/user/gid", proc["gid"], gid_maps, "gid")]
+    checks += [(f"/process/user/additionalGids/{n}", g, gid_maps, "gid") for n, g in enumerate(proc["groups"])]
+    for pointer, ident, maps, kind in checks:
+        if not mapped(maps, ident):
+            covered = ", ".join(f"{c}-{c + s - 1}" for c, _, s in maps)
+            raise ConfigError(file, pointer, f"{kind} {ident} is not mapped in the jail's user namespace (mapped: "
+                                             f"{covered}); add a {kind}Mappings range that covers it")
+
+
 def _has_cap(cap: int) -> bool:
     try:
         with open("/proc/self/status") as f:
@@ -160,6 +175,7 @@ class Runtime:
     # state ------------------------------------------------------------------
     def _load(self, cid: str) -> tuple[str, dict[str, Any]]:
         sdir = self.root.dir(validate_id(cid))
+        self.root.check(sdir)
         return sdir, read_state(sdir, cid)
 
     def state(self, cid: str) -> dict[str, Any]:
@@ -167,6 +183,7 @@ class Runtime:
         return oci_state(st, status_of(st, sdir))
 
     def list(self) -> list[dict[str, Any]]:
+        self.root.check()
         out = []
         for cid in self.root.ids():
             try:
@@ -179,6 +196,7 @@ class Runtime:
     def create(self, cid: str, bundle: str, *, pid_file: str | None = None, preserve_fds: int = 0,
                console_socket: str | None = None) -> dict[str, Any]:
         from gvmrt.linux import process
+        from gvmrt.linux import sys as lsys
         from gvmrt.plan import NS_FLAGS, load_plan
 
         validate_id(cid)
@@ -207,6 +225,19 @@ class Runtime:
         uid_maps = _subid_maps(plan["uid_mappings"], uid) if new_userns else []
         gid_maps = _subid_maps(plan["gid_mappings"], gid) if new_userns else []
         setgroups_denied = new_userns and uid != 0 and len(gid_maps) == 1 and gid_maps[0][1:] == [gid, 1]
+        if new_userns:
+            _check_mapped(plan["process"], uid_maps, gid_maps, cfg_path)
+        if plan["process"]["groups"] and setgroups_denied:
+            from gvmrt.errors import ConfigError
+            raise ConfigError(cfg_path, "/process/user/additionalGids",
+                              "needs a gid mapping wider than your own gid (a user namespace that maps one "
+                              "gid must deny setgroups); add gidMappings from /etc/subgid")
+        for fd in range(3, 3 + preserve_fds):
+            try:
+                os.fstat(fd)
+            except OSError:
+                raise UsageError(f"--preserve-fds {preserve_fds}: fd {fd} is not open") from None
+        data = self.root.data_dir(cid)  # may fail (no home): before anything is made
 
         self.root.ensure()
         sdir = self.root.dir(cid)
@@ -216,10 +247,9 @@ class Runtime:
             raise ContainerExists(cid) from None
         lock = Lock(sdir, cid, create=True)
         lock.acquire()
-        data = self.root.data_dir(cid)
         st: dict[str, Any] = {
             "id": cid, "status": CREATING, "pid": 0, "bundle": bundle, "rootfs": rootfs,
-            "created": _now(), "owner": _owner(uid), "annotations": plan["annotations"], "data_dir": data,
+            "created": _now(), "owner": _owner(uid), "annotations": plan["annotations"],
             "uid_mappings": uid_maps, "gid_mappings": gid_maps,
         }
         parent = child = None
@@ -228,6 +258,12 @@ class Runtime:
             write_json_atomic(os.path.join(sdir, "state.json"), st)
             fifo = os.path.join(sdir, "exec.fifo")
             os.mkfifo(fifo, 0o600)
+            if os.path.lexists(data):
+                # Left by an earlier container of this id whose state vanished (a reboot clears
+                # /run): its writes must not show up in this one.
+                from gvmrt.linux.cleanup import remove_tree
+                remove_tree(data, uid_maps, gid_maps)
+                self.notify(f"removed the stale overlay upper dir of an earlier container {cid!r}: {data}")
             _make_data_dirs(data, rootfs, uid_maps, gid_maps)
             if uid == 0:
                 # The init reopens the FIFO through /proc/self/fd as the jail's root (runc chowns it too).
@@ -238,6 +274,8 @@ class Runtime:
                 "ns_flags": NS_FLAGS, "new_userns": new_userns, "new_netns": "network" in ns_types
                 and not dict(plan["namespaces"])["network"], "gid_mappings": gid_maps,
                 "setgroups_denied": setgroups_denied, "preserve_fds": preserve_fds,
+                # read here, not in the jail: after pivot_root /proc is the container's to fake
+                "last_cap": lsys.last_cap(),
             }
             ctx["fifo_fd"] = fifo_fd = os.open(fifo, os.O_PATH | os.O_CLOEXEC)
             console = _connect_console(console_socket) if console_socket else None
@@ -342,6 +380,7 @@ class Runtime:
         sdir = self.root.dir(validate_id(cid))
         if not os.path.isdir(sdir):
             raise ContainerNotFound(cid)
+        self.root.check(sdir)
         lock = Lock(sdir, cid)
         try:
             if force:
@@ -372,7 +411,14 @@ class Runtime:
                 _wait_gone(st, cid)
             elif force and st.get("pid"):
                 _wait_gone(st, cid)
-            data = st.get("data_dir") or self.root.data_dir(cid)
+            # Derived, never read from state.json: a state file must not be able to aim rm -rf.
+            try:
+                data: str | None = self.root.data_dir(cid)
+            except HostError as exc:
+                if not force:
+                    raise
+                data = None
+                self.notify(f"{exc}; removing only the state of {cid!r}")
             _remove_container(sdir, data, st.get("uid_mappings") or [], st.get("gid_mappings") or [])
         finally:
             lock.release()
@@ -447,10 +493,17 @@ def _write_pid_file(path: str, pid: int) -> None:
     path = os.path.abspath(path)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(str(pid))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, str(pid).encode())
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise HostError(f"--pid-file {path}: {exc.strerror}") from exc
 
 
@@ -577,12 +630,13 @@ def _make_data_dirs(data: str, rootfs: str, uid_maps: list[list[int]], gid_maps:
         os.chown(data, *owner)
 
 
-def _remove_container(sdir: str, data: str, uid_maps: list[list[int]], gid_maps: list[list[int]]) -> None:
+def _remove_container(sdir: str, data: str | None, uid_maps: list[list[int]], gid_maps: list[list[int]]) -> None:
     from gvmrt.linux.cleanup import remove_tree
-    if os.path.isdir(data):
-        remove_tree(data, uid_maps, gid_maps)
-    try:
-        os.rmdir(os.path.dirname(data))  # the per-root dir, when it became empty
-    except OSError:
-        pass
+    if data is not None:
+        if os.path.isdir(data):
+            remove_tree(data, uid_maps, gid_maps)
+        try:
+            os.rmdir(os.path.dirname(data))  # the per-root dir, when it became empty
+        except OSError:
+            pass
     remove_tree(sdir, [], [])

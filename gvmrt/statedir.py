@@ -109,6 +109,13 @@ class StateRoot:
     def ensure(self) -> None:
         _owned_dir(self.path, create=True)
 
+    def check(self, sdir: str | None = None) -> None:
+        """Every command, not only create: a state root (or container dir) someone else can write
+        could feed us a state.json that points delete or kill at things that are not ours."""
+        _owned_dir(self.path, create=False)
+        if sdir is not None:
+            _owned_dir(sdir, create=False)
+
     def dir(self, cid: str) -> str:
         return os.path.join(self.path, cid)
 

@@ -77,11 +77,12 @@ def _rmtree_in_userns(path: str, uid_maps: list[list[int]], gid_maps: list[list[
         finally:
             os._exit(code)
     os.close(r)
+    status = 1
     try:
         process.write_id_maps(pid, uid_maps, gid_maps, deny_setgroups=False)
     finally:
         os.write(w, b"1")
         os.close(w)
-    _, status = os.waitpid(pid, 0)
+        _, status = os.waitpid(pid, 0)
     if status or os.path.lexists(path):
         raise OSError(errno.EPERM, "cannot remove the container's files (owned by subordinate ids)", path)

@@ -208,6 +208,9 @@ def _unshare_hint(exc: OSError) -> str:
 def _init(ctx: dict[str, Any], plan: dict[str, Any], sock: Any) -> None:
     """pid 1 of the container: build the jail, wait for start, exec."""
     proc = plan["process"]
+    # Not dumpable until exec (which resets it): nobody may ptrace or read /proc/PID/mem of an init
+    # that still holds all capabilities in the namespace and no seccomp filter.
+    lsys.prctl(lsys.PR_SET_DUMPABLE, 0)
     if ctx["new_userns"]:
         # Become the mapped root: a host root mapped to e.g. 100000 is "nobody" until it does.
         os.setresgid(0, 0, 0)
@@ -226,6 +229,14 @@ def _init(ctx: dict[str, Any], plan: dict[str, Any], sock: Any) -> None:
     # host id could not even look up the 0700 state dir. The fd survives pivot_root.
     fifo = ctx["fifo_fd"]
     rootfs.pivot(ctx["merged"], plan["root_readonly"])
+    # Everything below reads /proc (the exec FIFO reopen, the console): it must be the kernel's.
+    try:
+        is_proc = lsys.fs_type("/proc") == lsys.PROC_SUPER_MAGIC
+    except OSError:
+        is_proc = False
+    if not is_proc:
+        raise ChildError("mounts: /proc in the container is not a procfs; mount proc on /proc "
+                         "({\"destination\": \"/proc\", \"type\": \"proc\", \"source\": \"proc\"})")
     tty = _setup_console(ctx["console_fd"], proc["console_size"]) if ctx["console_fd"] >= 0 else -1
 
     if proc["oom_score_adj"] is not None:
@@ -305,7 +316,7 @@ def _lookup(prog: str, env: dict[str, str]) -> str:
 
 
 # <asm-generic/ioctls.h>
-TIOCGPTN, TIOCSPTLCK, TIOCSCTTY, TIOCSWINSZ = 0x80045430, 0x40045431, 0x540E, 0x5414
+TIOCGPTN, TIOCSPTLCK, TIOCSCTTY, TIOCSWINSZ, TIOCGPTPEER = 0x80045430, 0x40045431, 0x540E, 0x5414, 0x5441
 
 
 def _setup_console(console_fd: int, size: list[int] | None) -> int:
@@ -322,7 +333,8 @@ def _setup_console(console_fd: int, size: list[int] | None) -> int:
     fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
     n = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))[0]
     slave_path = f"/dev/pts/{n}"
-    slave = os.open(slave_path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    # TIOCGPTPEER opens the peer of *this* master, not whatever a path names (runc CVE-2025-52565).
+    slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     if size:
         fcntl.ioctl(slave, TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, console_fd)
@@ -333,9 +345,11 @@ def _setup_console(console_fd: int, size: list[int] | None) -> int:
     finally:
         sock.close()
         os.close(master)
+    if os.path.islink("/dev/console"):
+        os.unlink("/dev/console")
     if not os.path.exists("/dev/console"):
-        os.close(os.open("/dev/console", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
-    lsys.mount(slave_path, "/dev/console", None, lsys.MS_BIND)
+        os.close(os.open("/dev/console", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+    lsys.mount(f"/proc/self/fd/{slave}", "/dev/console", None, lsys.MS_BIND)
     return slave
 
 
@@ -351,7 +365,7 @@ def _finalize(proc: dict[str, Any], bpf: bytes | None, ctx: dict[str, Any], tty:
         lsys.seccomp_set_filter(bpf)
     caps = proc["caps"]
     if caps is not None:
-        for cap in range(lsys.last_cap() + 1):
+        for cap in range(ctx["last_cap"] + 1):
             if not caps["bounding"] >> cap & 1:
                 try:
                     lsys.prctl(lsys.PR_CAPBSET_DROP, cap)
@@ -369,15 +383,18 @@ def _finalize(proc: dict[str, Any], bpf: bytes | None, ctx: dict[str, Any], tty:
         # The kernel raises an ambient capability only if it is permitted and inheritable
         # (capabilities(7)); gvmrt.plan already warned about the others, which runc skips too.
         ambient = caps["ambient"] & caps["permitted"] & caps["inheritable"]
-        for cap in range(lsys.last_cap() + 1):
+        for cap in range(ctx["last_cap"] + 1):
             if ambient >> cap & 1:
                 lsys.prctl(lsys.PR_CAP_AMBIENT, lsys.PR_CAP_AMBIENT_RAISE, cap)
     os.umask(proc["umask"])
     if nnp:
         lsys.prctl(lsys.PR_SET_NO_NEW_PRIVS, 1)
+    # A session of its own, always (runc does too): otherwise the agent shares the caller's
+    # session and process group, can signal it (kill 0) and, through the caller's controlling
+    # terminal, push keystrokes into the caller's shell with TIOCSTI.
+    os.setsid()
     if tty >= 0:
         import fcntl
-        os.setsid()
         fcntl.ioctl(tty, TIOCSCTTY, 0)
         for fd in (0, 1, 2):
             os.dup2(tty, fd)

@@ -109,7 +109,8 @@ def mount_overlay(lowers: list[str], upper: str, work: str, target: str, in_user
         # Documentation/filesystems/overlayfs.rst "userxattr"); trusted.* needs host CAP_SYS_ADMIN.
         opts += ",userxattr"
     try:
-        lsys.mount("overlay", target, "overlay", 0, opts)
+        # nodev: a device node shipped in the (untrusted) rootfs must not open a host device.
+        lsys.mount("overlay", target, "overlay", lsys.MS_NODEV, opts)
     except OSError as exc:
         raise RootfsError(f"mount overlay (lower {lowers[0]}, upper {upper}): {exc.strerror}") from exc
 
@@ -117,6 +118,16 @@ def mount_overlay(lowers: list[str], upper: str, work: str, target: str, in_user
 def _mount_one(rootfs: str, m: dict[str, Any], gid_mapped: Any) -> None:
     dest = secure_join(rootfs, m["dest"])
     mtype, flags, data = m["type"], m["flags"], list(m["data"])
+    if mtype in ("proc", "sysfs") and dest != os.path.join(rootfs, *[p for p in m["dest"].split("/") if p]):
+        # The init reads /proc after pivot_root: a rootfs symlink must not move procfs somewhere a
+        # later mount can hide and replace it (runc CVE-2019-16884).
+        raise RootfsError(f"mount {m['dest']}: the destination goes through a symlink in the rootfs; "
+                          f"{mtype} must be mounted on a real directory")
+    if mtype != "devpts":
+        # No device nodes in the jail but the default ones (bind-mounted separately in setup_dev)
+        # and ptys: there is no device cgroup here, and root without a user namespace may have
+        # CAP_MKNOD. Documented in spec/config.md.
+        flags |= lsys.MS_NODEV
     what = f"mount {m['dest']}"
     if mtype == "bind":
         src = m["source"]

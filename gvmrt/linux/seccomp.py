@@ -461,6 +461,11 @@ def _default_rules() -> list[dict]:
         # with ENOSYS: glibc (fork, posix_spawn, pthread_create) then falls back to clone, which
         # the rule above checks.  Docker's default profile does the same.
         {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": _ENOSYS},
+        # Terminal injection: TIOCSTI pushes input into a terminal's queue (as if typed), and
+        # TIOCLINUX can do the same on a virtual console; the jail has its own session, but a
+        # terminal passed in as stdio must never become a way to type into the caller's shell.
+        {"names": ["ioctl"], **eperm, "args": [_masked_eq(1, 0xFFFFFFFF, 0x5412)]},
+        {"names": ["ioctl"], **eperm, "args": [_masked_eq(1, 0xFFFFFFFF, 0x541C)]},
         # io_uring performs many operations (socket, openat, ...) without entering the matching
         # system calls, so it would bypass the rules here; it has also been a steady source of
         # kernel CVEs (Docker and containerd dropped it from their defaults: moby/moby#46762).

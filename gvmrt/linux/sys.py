@@ -170,11 +170,29 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
 
 
 def last_cap() -> int:
+    """The highest capability this kernel knows; read by the parent, never inside the jail."""
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             return int(f.read())
-    except OSError:
-        return 40
+    except (OSError, ValueError):
+        return 63  # then drop every bit there could be; unknown ones fail harmlessly
+
+
+# --- statfs: which filesystem a path is on ---
+PROC_SUPER_MAGIC = 0x9FA0
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+
+
+def fs_type(path: str) -> int:
+    buf = _Statfs()
+    _check(_libc.statfs(_b(path), ctypes.byref(buf)), "statfs", path)
+    return buf.f_type
+
+
+PR_SET_DUMPABLE = 4
 
 
 # --- seccomp ---

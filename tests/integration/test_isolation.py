@@ -154,9 +154,12 @@ def test_process_user_with_subordinate_ids(env: tuple[Gvmrt, Bundles]) -> None:
 
 def test_rootless_one_id_map_refuses_additional_gids(rootless: tuple[Gvmrt, Bundles]) -> None:
     gv, bundles = rootless
-    b = bundles.make(["true"], edit=lambda c: c["process"]["user"].update(additionalGids=[5]))
+    b = bundles.make(["true"], edit=lambda c: c["process"]["user"].update(additionalGids=[0]))
     res = gv("create", "--bundle", str(b), "g1")
-    assert res.rc == 1 and "additionalGids need a gid mapping" in res.err
+    assert res.rc == 2 and "/process/user/additionalGids: needs a gid mapping wider" in res.err
+    b = bundles.make(["true"], edit=lambda c: c["process"]["user"].update(uid=1000))
+    res = gv("create", "--bundle", str(b), "g2")
+    assert res.rc == 2 and "/process/user/uid: uid 1000 is not mapped" in res.err
     assert gv.ok("list", "--quiet").out == ""
 
 

@@ -78,3 +78,6 @@ def test_rootless_podman_runs_gvmrt(rootless: tuple[Gvmrt, object], image_tar: P
         assert r["stdout"].split() == ["0", "NSpid:", "1"]
     finally:
         podman("rmi", "-f", IMAGE)
+        # rootless podman leaves a pause process (catatonit) holding its user namespace
+        gv.caller.request(argv=["podman", "system", "migrate"], env=env, cwd=env["HOME"], timeout=60)
+        subprocess.run(["pkill", "-u", str(gv.uid), "-x", "catatonit"], check=False)

@@ -29,7 +29,7 @@ def config(**top: Any) -> dict[str, Any]:
         "ociVersion": "1.1.0",
         "process": {"args": ["/bin/sh"]},
         "root": {"path": "rootfs"},
-        "linux": {"namespaces": [{"type": "user"}, {"type": "mount"}]},
+        "linux": {"namespaces": [{"type": "user"}, {"type": "pid"}, {"type": "mount"}]},
     }
     cfg.update(top)
     return cfg
@@ -156,8 +156,10 @@ def test_capability_bitmasks() -> None:
                     "permitted": 1 << 10 | 1 << 40, "ambient": 0}
 
 
-def test_no_capabilities_object_means_leave_them_alone() -> None:
-    assert compile_(config())[0]["process"]["caps"] is None
+def test_no_capabilities_object_means_none_at_all() -> None:
+    # runc's reading too; "keep whatever the init has" would hand the agent every capability.
+    assert compile_(config())[0]["process"]["caps"] == {
+        "bounding": 0, "effective": 0, "inheritable": 0, "permitted": 0, "ambient": 0}
 
 
 def test_ambient_capability_that_cannot_be_raised_is_noticed() -> None:
@@ -180,7 +182,9 @@ def test_rlimit_numbers() -> None:
 def test_process_defaults() -> None:
     proc = compile_(config())[0]["process"]
     assert proc == {"args": ["/bin/sh"], "env": [], "cwd": "/", "terminal": False, "console_size": None, "uid": 0, "gid": 0,
-                    "groups": [], "umask": 0o022, "caps": None, "nnp": False, "oom_score_adj": None,
+                    "groups": [], "umask": 0o022,
+                    "caps": {"bounding": 0, "effective": 0, "inheritable": 0, "permitted": 0, "ambient": 0},
+                    "nnp": False, "oom_score_adj": None,
                     "rlimits": []}
 
 
@@ -192,25 +196,32 @@ def test_user_and_umask() -> None:
 
 
 def test_namespaces_and_mappings() -> None:
-    cfg = config(linux={"namespaces": [{"type": "user"}, {"type": "mount"},
+    cfg = config(linux={"namespaces": [{"type": "user"}, {"type": "pid"}, {"type": "mount"},
                                        {"type": "network", "path": "/run/netns/agent"}],
                         "uidMappings": [{"containerID": 0, "hostID": 100000, "size": 65536}],
                         "gidMappings": [{"containerID": 0, "hostID": 1000, "size": 1}]})
     plan = compile_(cfg)[0]
-    assert plan["namespaces"] == [["user", None], ["mount", None], ["network", "/run/netns/agent"]]
+    assert plan["namespaces"] == [["user", None], ["pid", None], ["mount", None], ["network", "/run/netns/agent"]]
     assert plan["uid_mappings"] == [[0, 100000, 65536]]
     assert plan["gid_mappings"] == [[0, 1000, 1]]
 
 
 def test_mount_namespace_is_required() -> None:
     with pytest.raises(ConfigError) as info:
-        compile_(config(linux={"namespaces": [{"type": "user"}]}))
-    assert info.value.pointer == "/linux/namespaces"
+        compile_(config(linux={"namespaces": [{"type": "user"}, {"type": "pid"}]}))
+    assert info.value.pointer == "/linux/namespaces" and "'mount' namespace" in info.value.message
+
+
+def test_pid_namespace_is_required() -> None:
+    # Without a delegated cgroup, the pid namespace is how kill and delete reach every process.
+    with pytest.raises(ConfigError) as info:
+        compile_(config(linux={"namespaces": [{"type": "user"}, {"type": "mount"}]}))
+    assert info.value.pointer == "/linux/namespaces" and "'pid' namespace" in info.value.message
 
 
 def test_rootfs_propagation_defaults_to_rprivate() -> None:
     assert compile_(config())[0]["rootfs_propagation"] == PROPAGATION["rprivate"]
-    cfg = config(linux={"namespaces": [{"type": "mount"}], "rootfsPropagation": "rslave"})
+    cfg = config(linux={"namespaces": [{"type": "pid"}, {"type": "mount"}], "rootfsPropagation": "rslave"})
     assert compile_(cfg)[0]["rootfs_propagation"] == lsys.MS_SLAVE | lsys.MS_REC
 
 
@@ -224,18 +235,18 @@ def test_seccomp_is_compiled_to_base64_bpf() -> None:
 
 
 def test_resources_and_cgroups_path_are_noticed_not_applied() -> None:
-    cfg = config(linux={"namespaces": [{"type": "mount"}], "cgroupsPath": "/agents/a",
+    cfg = config(linux={"namespaces": [{"type": "pid"}, {"type": "mount"}], "cgroupsPath": "/agents/a",
                         "resources": {"memory": {"limit": 1 << 30}, "devices": [{"allow": True, "access": "rwm"}]}})
     _, warnings = compile_(cfg)
     assert warnings == [
         "linux.resources.{memory} not applied: this host does not delegate a cgroup to gvmrt (use process.rlimits)",
-        "linux.resources.devices allow rules are moot: the jail only has the default devices",
+        "linux.resources.devices allow rules are moot: every jail mount is nodev except the default devices and devpts",
         "linux.cgroupsPath '/agents/a' ignored: no cgroup delegation on this host",
     ]
 
 
 def test_plan_is_json_and_holds_no_host_facts() -> None:
-    plan, _ = compile_(config(hostname="agent", linux={"namespaces": [{"type": "mount"}, {"type": "uts"}]}))
+    plan, _ = compile_(config(hostname="agent", linux={"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"}]}))
     assert json.loads(json.dumps(plan)) == plan
     assert plan["plan"] == PLAN_VERSION
     assert str(os.getuid()) not in json.dumps(plan["uid_mappings"])
@@ -257,7 +268,7 @@ def cache_file(cache: Path, raw: bytes) -> Path:
 
 def test_load_plan_twice_returns_equal_plans_the_second_from_the_cache(
         cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    raw = json.dumps(config(hostname="a", linux={"namespaces": [{"type": "mount"}, {"type": "uts"}]})).encode()
+    raw = json.dumps(config(hostname="a", linux={"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"}]})).encode()
     first = load_plan(raw, "config.json")
     assert cache_file(cache, raw).is_file()
 

@@ -44,7 +44,7 @@ def minimal(**top: Any) -> dict[str, Any]:
         "ociVersion": "1.1.0",
         "process": {"args": ["/bin/true"]},
         "root": {"path": "rootfs"},
-        "linux": {"namespaces": [{"type": "user"}, {"type": "mount"}]},
+        "linux": {"namespaces": [{"type": "user"}, {"type": "pid"}, {"type": "mount"}]},
     }
     cfg.update(top)
     return cfg
@@ -168,7 +168,7 @@ def test_gvm_extension_is_passed_through_to_the_plan() -> None:
 
 
 def test_sysctl_in_its_namespace_is_accepted() -> None:
-    cfg = minimal(linux={"namespaces": [{"type": t} for t in ("user", "mount", "ipc", "network", "uts")],
+    cfg = minimal(linux={"namespaces": [{"type": t} for t in ("user", "pid", "mount", "ipc", "network", "uts")],
                          "sysctl": {"kernel.shmmax": "1", "fs.mqueue.queues_max": "8",
                                     "net.ipv4.ping_group_range": "0 0", "kernel.domainname": "x"}})
     plan, _ = check(raw_of(cfg))
