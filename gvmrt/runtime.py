@@ -323,7 +323,10 @@ class Runtime:
             if new_userns:
                 process.write_id_maps(mid, uid_maps, gid_maps, deny_setgroups=uid != 0)
                 process.send(sock, mapped=True)
-            while True:
+            ready = False
+            # Two senders share the socket (the intermediate says which pid the init got, the init
+            # says it is ready), so the two messages may come in either order.
+            while not (ready and init_pid):
                 msg = process.recv(sock, timeout=60)
                 if "error" in msg:
                     raise GvmrtError(f"container init: {msg['error']}")
@@ -332,7 +335,8 @@ class Runtime:
                     os.waitpid(mid, 0)
                     mid = 0
                 elif msg.get("ready"):
-                    return init_pid
+                    ready = True
+            return init_pid
         except EOFError:
             raise GvmrtError("container init exited during setup without saying why") from None
         except process.ChildError as exc:
@@ -344,10 +348,6 @@ class Runtime:
                     os.waitpid(mid, 0)
                 except OSError:
                     pass
-            if init_pid:
-                # Reap the init's zombie only if it is already dead (it is the intermediate's child,
-                # so normally not ours); the caller or its subreaper owns a live one.
-                pass
 
     # start ------------------------------------------------------------------
     def start(self, cid: str) -> None:
