@@ -1,0 +1,235 @@
+"""Pydantic models of the `gvm.egress` section of config.json: ordered rules and their decisions.
+
+Validation only; `gvmrt.policy.matcher` compiles a validated `Egress` into lookup tables. The
+models follow `gvmrt.spec`: strict JSON types, unknown keys refused, frozen values, and errors as
+JSON pointers (`parse_egress` raises one ConfigError naming the first problem).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gvmrt.errors import ConfigError
+from gvmrt.policy.canon import BadHost, canonical_host
+from gvmrt.spec import errors_of
+
+__all__ = ["Allow", "AuditOnly", "Delay", "RequireApproval", "Deny", "Decision", "Rule", "Egress",
+           "CAUTION", "severity", "parse_egress", "policy_errors"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class _At(ValueError):
+    """A validator error about a member of the validated value; ``path`` extends the JSON pointer."""
+
+    def __init__(self, path: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+# --- decisions -----------------------------------------------------------------------------------
+
+class Allow(_Strict):
+    action: Literal["allow"]
+
+
+class AuditOnly(_Strict):
+    """Allow, and mark the audit entry for review."""
+
+    action: Literal["audit_only"]
+
+
+class Delay(_Strict):
+    action: Literal["delay"]
+    ms: int = Field(ge=0, le=600_000)
+
+
+class RequireApproval(_Strict):
+    """Hold the request until an operator approves or denies it; deny at the timeout."""
+
+    action: Literal["require_approval"]
+    timeout_s: int = Field(ge=1, le=86_400)
+
+
+class Deny(_Strict):
+    action: Literal["deny"]
+    reason: str = Field(min_length=1, max_length=500)
+
+
+Decision = Annotated[Union[Allow, AuditOnly, Delay, RequireApproval, Deny], Field(discriminator="action")]
+
+# Most restrictive last. When several forms of one request (raw and canonical paths) reach
+# different rules, the matcher keeps the highest (DESIGN.md §6: encoding never turns Deny into Allow).
+_SEVERITY = {"allow": 0, "audit_only": 1, "delay": 2, "require_approval": 3, "deny": 4}
+
+
+def severity(decision: Allow | AuditOnly | Delay | RequireApproval | Deny) -> tuple[int, int]:
+    """Sort key: higher is more restrictive; a longer delay or approval wait is more restrictive."""
+    extra = getattr(decision, "ms", None) or getattr(decision, "timeout_s", None) or 0
+    return _SEVERITY[decision.action], extra
+
+
+# Out of the box, an unmatched request is slowed a little and flagged in the audit log.
+CAUTION = Delay(action="delay", ms=300)
+
+# --- rules ---------------------------------------------------------------------------------------
+
+_RULE_ID = r"^[A-Za-z0-9_.:-]+$"
+_METHOD = re.compile(r"[A-Za-z!#$%&'*+.^_`|~0-9-]+")  # RFC 9110 §5.6.2 token
+JSON_POINTER = re.compile(r"(/([^~/]|~[01])*)*")  # RFC 6901 §3
+
+
+def _glob_problem(glob: str) -> str | None:
+    if not glob.startswith("/"):
+        return f"path glob {glob!r} must start with '/'"
+    if "***" in glob:
+        return f"path glob {glob!r} has '***'; use '*' (one segment) or '**' (any depth)"
+    if "\x00" in glob:
+        return "path glob contains NUL"
+    return None
+
+
+class Rule(_Strict):
+    id: str = Field(min_length=1, max_length=128, pattern=_RULE_ID)
+    methods: list[str] | None = Field(None, min_length=1)
+    hosts: list[str] = Field(min_length=1)
+    ports: list[Annotated[int, Field(ge=1, le=65535)]] | None = Field(None, min_length=1)
+    paths: list[str] | None = Field(None, min_length=1)
+    path_regex: str | None = None
+    query: dict[str, str] | None = None
+    json_: dict[str, Any] | None = Field(None, alias="json")
+    on_uninspectable: Decision = Field(
+        default_factory=lambda: Deny(action="deny", reason="the request body could not be inspected"))
+    decision: Decision
+    # strict=False: JSON has no datetime type, so an RFC 3339 string must be parsed; naive times
+    # are refused (AwareDatetime) because "expires at 18:00" on which clock is a policy bug.
+    expires: AwareDatetime | None = Field(None, strict=False)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, methods: list[str] | None) -> list[str] | None:
+        if methods is None:
+            return None
+        for i, m in enumerate(methods):
+            if not _METHOD.fullmatch(m):
+                raise _At((i,), f"{m!r} is not an HTTP method")
+        return [m.upper() for m in methods]  # methods are case-sensitive on the wire, but no upstream relies on it
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        out = []
+        for i, h in enumerate(hosts):
+            wild = h.startswith("*.")
+            if h == "*":
+                out.append("*")
+                continue
+            name = h[2:] if wild else h
+            if "*" in name:
+                raise _At((i,), f"{h!r}: '*' is allowed only as a whole first label ('*.example.com') or alone")
+            if ":" in name and not name.startswith("["):
+                raise _At((i,), f"{h!r}: put the port in 'ports', not in the host")
+            try:
+                canon = canonical_host(name)
+            except BadHost as exc:
+                raise _At((i,), str(exc)) from exc
+            out.append("*." + canon if wild else canon)
+        return out
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, paths: list[str] | None) -> list[str] | None:
+        for i, g in enumerate(paths or ()):
+            problem = _glob_problem(g)
+            if problem:
+                raise _At((i,), problem)
+        return paths
+
+    @field_validator("path_regex")
+    @classmethod
+    def _regex(cls, rx: str | None) -> str | None:
+        if rx is not None:
+            try:
+                re.compile(rx)
+            except re.error as exc:
+                raise ValueError(f"not a valid Python regular expression: {exc}") from exc
+        return rx
+
+    @field_validator("json_")
+    @classmethod
+    def _pointers(cls, fields: dict[str, Any] | None) -> dict[str, Any] | None:
+        for ptr in fields or {}:
+            if not ptr or not JSON_POINTER.fullmatch(ptr):
+                raise _At((ptr,), f"{ptr!r} is not a JSON pointer to a field (RFC 6901, e.g. '/model' or '/messages/0/role')")
+        return fields
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Rule:
+        if self.paths is not None and self.path_regex is not None:
+            raise _At(("path_regex",), "give either 'paths' (globs) or 'path_regex', not both")
+        if "on_uninspectable" in self.model_fields_set and self.json_ is None:
+            raise _At(("on_uninspectable",), "applies only to rules with 'json' body fields; remove it")
+        return self
+
+
+class Egress(_Strict):
+    default: Decision = Field(default_factory=lambda: CAUTION)
+    mode: Literal["enforce", "watch"] = "enforce"
+    rules: list[Rule] = Field(default_factory=list)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_ids(cls, rules: list[Rule]) -> list[Rule]:
+        # Audit entries name rules by id, so an id must mean one rule.
+        seen: dict[str, int] = {}
+        for i, rule in enumerate(rules):
+            if rule.id in seen:
+                raise _At((i, "id"), f"rule id {rule.id!r} is already used by rule {seen[rule.id]}; ids must be unique")
+            seen[rule.id] = i
+        return rules
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+def _escape(part: str | int) -> str:
+    return "/" + str(part).replace("~", "~0").replace("/", "~1")
+
+
+def policy_errors(exc: ValidationError, base: str = "") -> list[tuple[str, str]]:
+    """(JSON pointer, message) for every problem pydantic found, under the pointer ``base``.
+
+    Messages come from `gvmrt.spec.errors_of`; the pointer is rebuilt here because pydantic puts a
+    discriminated union's tag in ``loc`` (/decision/delay/ms names no key of the document) and
+    spec's pointer does not know this module's ``_At`` paths.
+    """
+    out = []
+    for (_, msg), err in zip(errors_of(exc), exc.errors(include_url=False)):
+        loc = list(err["loc"])
+        parts = [p for i, p in enumerate(loc)
+                 if not (isinstance(p, str) and ("[" in p or (p in _SEVERITY and i > 0 and loc[i - 1] in _DECISION_FIELDS)))]
+        at = (err.get("ctx") or {}).get("error")
+        if isinstance(at, _At):
+            parts += list(at.path)
+        out.append((base + "".join(_escape(p) for p in parts), msg))
+    return out
+
+
+_DECISION_FIELDS = {"decision", "on_uninspectable", "default"}
+
+
+def parse_egress(data: Any, file: str = "config.json", base: str = "/gvm/egress") -> Egress:
+    """Validate a decoded `gvm.egress` value; raise ConfigError naming the first problem's pointer."""
+    if not isinstance(data, dict):
+        raise ConfigError(file, base, "must be a JSON object")
+    try:
+        return Egress.model_validate(data)
+    except ValidationError as exc:
+        ptr, msg = policy_errors(exc, base)[0]
+        raise ConfigError(file, ptr, msg) from exc
