@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 # Part of the cache key: bump it whenever validation or the plan's shape changes, so a plan cached
-# under older, laxer rules is never used (2: stricter JSON types, sysctl and bind-option checks).
-PLAN_VERSION = 3
+# under older, laxer rules is never used (2: stricter JSON types, sysctl and bind-option checks;
+# 4: gvm is a validated model, the plan carries the compiled-checked egress policy, not raw gvm).
+PLAN_VERSION = 4
 
 # runc's libcontainer/specconv mountFlags table: option → (clear?, flag).
 MOUNT_FLAGS: dict[str, tuple[bool, int]] = {
@@ -162,7 +163,8 @@ def compile_config(cfg: Any, warnings: list[str]) -> dict[str, Any]:
         if any(d.allow for d in res.devices):
             warnings.append("linux.resources.devices allow rules are moot: every jail mount is nodev except the "
                             "default devices and devpts")
-    if cfg.gvm:
+    egress = _egress(cfg)
+    if cfg.gvm is not None and cfg.gvm.model_dump(exclude_none=True):
         # Honesty until the sidecar lands: a policy a user wrote must not look enforced.
         warnings.append("the gvm section (egress, dns, credentials, ...) is not enforced by this gvmrt version: "
                         "the jail has no network beyond loopback")
@@ -199,9 +201,38 @@ def compile_config(cfg: Any, warnings: list[str]) -> dict[str, Any]:
         },
         "seccomp": seccomp,
         "annotations": dict(cfg.annotations),
-        "gvm": cfg.gvm,
+        "egress": egress,
         "warnings": warnings,
     }
+
+
+def _egress(cfg: Any) -> dict[str, Any] | None:
+    """The validated gvm.egress as plain JSON, after checking that the matcher can compile it.
+
+    Validation has already checked each rule; compiling builds the regexes and host tables the
+    sidecar will use, so a policy that cannot be compiled fails `gvmrt create` here, with the
+    pointer of its rule, rather than the sidecar at start. The plan keeps the model's JSON (by
+    alias, only what was set: it validates again to the same Egress), never the compiled tables.
+    """
+    egress = cfg.gvm.egress if cfg.gvm is not None else None
+    if egress is None:
+        return None
+    from gvmrt.errors import ConfigError
+    import re
+    from gvmrt.policy.matcher import CompiledPolicy
+    failures = (re.error, ValueError, OverflowError, RecursionError)
+    try:
+        CompiledPolicy.compile(egress)
+    except failures as exc:
+        pointer = "/gvm/egress"
+        for i, rule in enumerate(egress.rules):
+            try:
+                CompiledPolicy.compile(egress.model_copy(update={"rules": [rule]}))
+            except failures:
+                pointer = f"/gvm/egress/rules/{i}"
+                break
+        raise ConfigError("config.json", pointer, f"the policy does not compile: {exc}") from None
+    return egress.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
 def cache_dir() -> str:

@@ -6,7 +6,9 @@ the compiled plan, so create/start/state/kill/delete never pay for pydantic (DES
 Policy on fields (DESIGN.md §2): a standard field gvmrt honours is modelled; a standard field gvmrt
 cannot honour is modelled only to be refused with a reason (`_refuse_if_set`); inside every object
 unknown keys are refused (a typo such as "readOnly" must not silently drop a security setting); only
-the top level allows unknown properties, as the runtime-spec requires.
+the top level allows unknown properties, as the runtime-spec requires. The `gvm` extension is the
+`Gvm` model: its `egress` policy is `gvmrt.policy.model.Egress` (spec/policy.md), the other groups
+are reserved. Errors are reported by `gvmrt.validation.errors_of`, shared with the policy models.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gvmrt import OCI_VERSION
 from gvmrt.errors import ConfigError
+from gvmrt.policy.model import Egress
+from gvmrt.validation import At, Strict, errors_of
 
 ID_MAX = 2**32 - 1
 
@@ -45,24 +49,9 @@ CAPABILITIES = [
 CAP_NUMBERS = {name: i for i, name in enumerate(CAPABILITIES)}
 
 
-class _Strict(BaseModel):
-    # strict: a JSON value must already have the right type, as Go's encoding/json (runc, the
-    # reference) requires; pydantic's lax mode would read "noNewPrivileges": "no" as false and
-    # "uid": "0" as 0, so a config gvmrt accepts could be one runc refuses.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class _At(ValueError):
-    """A validator error about a member of the value being validated.
-
-    ``path`` (keys and indexes, relative to the validated value) is appended to pydantic's
-    location, so the JSON pointer names e.g. /process/env/3 rather than the whole list, or
-    /hostname rather than the document when a model-level check fails.
-    """
-
-    def __init__(self, path: tuple[str | int, ...], message: str) -> None:
-        super().__init__(message)
-        self.path = path
+# The shared strict base and located error (gvmrt.validation), under this module's old names.
+_Strict = Strict
+_At = At
 
 
 def _refuse_if_set(value: Any, what: str, why: str) -> Any:
@@ -342,6 +331,20 @@ class Hooks(_Strict):
         return self
 
 
+class Gvm(_Strict):
+    """The `gvm` extension: governance settings (spec/bundle.md, spec/policy.md).
+
+    Only ``egress`` is specified and validated; the other groups are reserved for later issues
+    and accepted as any JSON object, not enforced yet. Any other key is refused like a typo.
+    """
+
+    egress: Egress | None = None
+    dns: dict[str, Any] | None = Field(None, description="reserved, not enforced yet")
+    credentials: dict[str, Any] | None = Field(None, description="reserved, not enforced yet")
+    filesystem: dict[str, Any] | None = Field(None, description="reserved, not enforced yet")
+    audit: dict[str, Any] | None = Field(None, description="reserved, not enforced yet")
+
+
 class Config(BaseModel):
     """The whole config.json. Unknown top-level properties are allowed (runtime-spec config.md)."""
 
@@ -355,7 +358,7 @@ class Config(BaseModel):
     hooks: Hooks | None = None
     annotations: dict[str, str] = Field(default_factory=dict)
     linux: Linux = Field(default_factory=Linux)
-    gvm: dict[str, Any] | None = None
+    gvm: Gvm | None = None
 
     @field_validator("ociVersion")
     @classmethod
@@ -411,47 +414,6 @@ def _sysctl_refusal(key: str, ns_types: set[str]) -> str | None:
 
 # --- parsing with errors a person can act on -----------------------------------------------------
 
-# Runtime-spec settings gvmrt has no field for (newer than the models, or not implemented): a
-# person who writes one gets "not supported" rather than "check the spelling".
-_SPEC_UNSUPPORTED = {"ioPriority", "scheduler", "execCPUAffinity", "netDevices", "memoryPolicy"}
-
-
-def _pointer(loc: tuple[Any, ...], tail: tuple[Any, ...] = ()) -> str:
-    """RFC 6901 JSON pointer for pydantic's ``loc`` followed by an ``_At`` path ``tail``."""
-    # pydantic puts validator names such as "function-after[...]" in loc for union members; drop them.
-    parts = [str(p) for p in loc if not (isinstance(p, str) and "[" in p)] + [str(p) for p in tail]
-    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
-
-
-def _message(err: dict[str, Any]) -> str:
-    kind = err["type"]
-    if kind == "missing":
-        return "is required"
-    if kind == "extra_forbidden" and err["loc"][-1] in _SPEC_UNSUPPORTED:
-        return "is a runtime-spec setting gvmrt does not support; remove it"
-    if kind == "extra_forbidden":
-        return "is not a field gvmrt knows here (check the spelling; unknown settings are refused, not ignored)"
-    if kind == "too_short" and err["loc"][-1] == "args":
-        return "must be a non-empty list"
-    msg = err["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-    # pydantic's own messages start a sentence ("Input should be ..."); ours follow a pointer and a
-    # colon, so lower the first letter of an ordinary word, never of a name ("RLIMIT_NOFILE", "OCI").
-    if msg[:1].isupper() and msg[1:2].islower():
-        msg = msg[0].lower() + msg[1:]
-    return msg
-
-
-def errors_of(exc: ValidationError) -> list[tuple[str, str]]:
-    """(JSON pointer, message) for every problem pydantic found."""
-    out = []
-    for e in exc.errors(include_url=False):
-        at = (e.get("ctx") or {}).get("error")
-        out.append((_pointer(e["loc"], at.path if isinstance(at, _At) else ()), _message(e)))
-    return out
-
-
 def load_json(raw: bytes, file: str) -> Any:
     try:
         return json.loads(raw)
@@ -469,7 +431,7 @@ def parse_config(raw: bytes, file: str = "config.json") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        pointer, message = errors_of(exc)[0]
+        pointer, message = errors_of(exc, data)[0]
         raise ConfigError(file, pointer, message) from None
 
 

@@ -1,8 +1,10 @@
 """Pydantic models of the `gvm.egress` section of config.json: ordered rules and their decisions.
 
 Validation only; `gvmrt.policy.matcher` compiles a validated `Egress` into lookup tables. The
-models follow `gvmrt.spec`: strict JSON types, unknown keys refused, frozen values, and errors as
-JSON pointers (`parse_egress` raises one ConfigError naming the first problem).
+models share `gvmrt.validation` with `gvmrt.spec`: strict JSON types, unknown keys refused, frozen
+values, and errors as JSON pointers. `gvmrt.spec.Gvm` embeds `Egress`, so `parse_config` reports a
+bad policy at its full pointer (/gvm/egress/rules/3/decision/ms); `parse_egress` validates the
+egress value alone (hot reload) and reports the same pointers.
 """
 
 from __future__ import annotations
@@ -10,26 +12,16 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AwareDatetime, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gvmrt.errors import ConfigError
 from gvmrt.policy.canon import BadHost, canonical_host
-from gvmrt.spec import errors_of
+from gvmrt.validation import At as _At
+from gvmrt.validation import Strict as _Strict
+from gvmrt.validation import errors_of
 
 __all__ = ["Allow", "AuditOnly", "Delay", "RequireApproval", "Deny", "Decision", "Rule", "Egress",
-           "CAUTION", "severity", "parse_egress", "policy_errors"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class _At(ValueError):
-    """A validator error about a member of the validated value; ``path`` extends the JSON pointer."""
-
-    def __init__(self, path: tuple[str | int, ...], message: str) -> None:
-        super().__init__(message)
-        self.path = path
+           "CAUTION", "severity", "parse_egress"]
 
 
 # --- decisions -----------------------------------------------------------------------------------
@@ -132,6 +124,8 @@ class Rule(_Strict):
                 out.append("*")
                 continue
             name = h[2:] if wild else h
+            if wild and not name:
+                raise _At((i,), f"{h!r}: a wildcard needs a domain after '*.' (e.g. '*.example.com')")
             if "*" in name:
                 raise _At((i,), f"{h!r}: '*' is allowed only as a whole first label ('*.example.com') or alone")
             if ":" in name and not name.startswith("["):
@@ -139,7 +133,7 @@ class Rule(_Strict):
             try:
                 canon = canonical_host(name)
             except BadHost as exc:
-                raise _At((i,), str(exc)) from exc
+                raise _At((i,), str(exc) if not wild else f"{h!r}: {exc}") from exc
             out.append("*." + canon if wild else canon)
         return out
 
@@ -196,33 +190,7 @@ class Egress(_Strict):
         return rules
 
 
-# --- errors --------------------------------------------------------------------------------------
-
-def _escape(part: str | int) -> str:
-    return "/" + str(part).replace("~", "~0").replace("/", "~1")
-
-
-def policy_errors(exc: ValidationError, base: str = "") -> list[tuple[str, str]]:
-    """(JSON pointer, message) for every problem pydantic found, under the pointer ``base``.
-
-    Messages come from `gvmrt.spec.errors_of`; the pointer is rebuilt here because pydantic puts a
-    discriminated union's tag in ``loc`` (/decision/delay/ms names no key of the document) and
-    spec's pointer does not know this module's ``_At`` paths.
-    """
-    out = []
-    for (_, msg), err in zip(errors_of(exc), exc.errors(include_url=False)):
-        loc = list(err["loc"])
-        parts = [p for i, p in enumerate(loc)
-                 if not (isinstance(p, str) and ("[" in p or (p in _SEVERITY and i > 0 and loc[i - 1] in _DECISION_FIELDS)))]
-        at = (err.get("ctx") or {}).get("error")
-        if isinstance(at, _At):
-            parts += list(at.path)
-        out.append((base + "".join(_escape(p) for p in parts), msg))
-    return out
-
-
-_DECISION_FIELDS = {"decision", "on_uninspectable", "default"}
-
+# --- parsing -------------------------------------------------------------------------------------
 
 def parse_egress(data: Any, file: str = "config.json", base: str = "/gvm/egress") -> Egress:
     """Validate a decoded `gvm.egress` value; raise ConfigError naming the first problem's pointer."""
@@ -231,5 +199,5 @@ def parse_egress(data: Any, file: str = "config.json", base: str = "/gvm/egress"
     try:
         return Egress.model_validate(data)
     except ValidationError as exc:
-        ptr, msg = policy_errors(exc, base)[0]
-        raise ConfigError(file, ptr, msg) from exc
+        ptr, msg = errors_of(exc, data, base)[0]
+        raise ConfigError(file, ptr, msg) from None

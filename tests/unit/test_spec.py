@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from gvmrt.errors import ConfigError
 from gvmrt.plan import MOUNT_FLAGS, PROPAGATION, compile_config, parse_mount_options
+from gvmrt.policy import Egress
 from gvmrt.spec import Config, Rlimit, default_config, json_schema, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,9 +163,60 @@ def test_unknown_top_level_keys_are_allowed_but_near_misses_are_noticed() -> Non
     assert plan["mounts"] == []
 
 
-def test_gvm_extension_is_passed_through_to_the_plan() -> None:
-    plan, _ = check(raw_of(minimal(gvm={"egress": {"allow": ["pypi.org:443"]}})))
-    assert plan["gvm"] == {"egress": {"allow": ["pypi.org:443"]}}
+GVM_NOTICE = "the gvm section (egress, dns, credentials, ...) is not enforced by this gvmrt version"
+
+
+def test_gvm_egress_is_validated_and_stored_in_the_plan_as_json() -> None:
+    egress = {"rules": [{"id": "pypi", "hosts": ["PyPI.org."], "ports": [443], "methods": ["get"],
+                         "decision": {"action": "allow"}},
+                        {"id": "block", "hosts": ["*"], "paths": ["/admin/**"],
+                         "decision": {"action": "deny", "reason": "no admin"},
+                         "expires": "2030-01-01T00:00:00Z"}]}
+    plan, warnings = check(raw_of(minimal(gvm={"egress": egress})))
+    assert any(GVM_NOTICE in w for w in warnings)
+    assert "gvm" not in plan
+    assert json.loads(json.dumps(plan)) == plan
+    # Canonical (host lowered, trailing dot dropped, method upper) and re-validates to the same model.
+    assert plan["egress"]["rules"][0]["hosts"] == ["pypi.org"]
+    assert plan["egress"]["rules"][0]["methods"] == ["GET"]
+    assert Egress.model_validate(plan["egress"]) == parse_config(raw_of(minimal(gvm={"egress": egress}))).gvm.egress
+
+
+def test_gvm_reserved_sections_are_accepted_but_not_in_the_plan() -> None:
+    plan, warnings = check(raw_of(minimal(gvm={"dns": {"anything": 1}, "credentials": {}, "filesystem": {},
+                                               "audit": {}})))
+    assert plan["egress"] is None
+    assert any(GVM_NOTICE in w for w in warnings)
+
+
+def test_empty_or_absent_gvm_has_no_notice() -> None:
+    for cfg in (minimal(), minimal(gvm={})):
+        plan, warnings = check(raw_of(cfg))
+        assert warnings == [] and plan["egress"] is None
+
+
+@pytest.mark.parametrize("gvm, pointer, message", [
+    ({"egres": {}}, "/gvm/egres", "not a field gvmrt knows"),
+    ([], "/gvm", "valid dictionary"),
+    ({"dns": []}, "/gvm/dns", "valid dictionary"),
+    ({"egress": []}, "/gvm/egress", "valid dictionary"),
+])
+def test_gvm_shape_is_checked(gvm: Any, pointer: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw_of(minimal(gvm=gvm)))
+    assert (info.value.pointer, message in info.value.message) == (pointer, True), info.value.message
+
+
+def test_a_policy_that_does_not_compile_fails_with_the_rule_pointer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Validation already refuses bad regexes; this stands for anything the matcher cannot build.
+    from gvmrt.policy import matcher
+    monkeypatch.setattr(matcher, "glob_to_regex", lambda glob: "(" if glob == "/broken" else ".*")
+    egress = {"rules": [{"id": "ok", "hosts": ["a.com"], "paths": ["/fine"], "decision": {"action": "allow"}},
+                        {"id": "bad", "hosts": ["a.com"], "paths": ["/broken"], "decision": {"action": "allow"}}]}
+    with pytest.raises(ConfigError) as info:
+        check(raw_of(minimal(gvm={"egress": egress})))
+    assert info.value.pointer == "/gvm/egress/rules/1"
+    assert "does not compile" in info.value.message
 
 
 def test_sysctl_in_its_namespace_is_accepted() -> None:
