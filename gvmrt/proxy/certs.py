@@ -350,21 +350,25 @@ class LeafCache:
     def __contains__(self, name: str) -> bool:
         return normalise_sni(name) in self._contexts
 
+    def _hit(self, key: str) -> ssl.SSLContext | None:
+        """The cached context for an already-normalised name (caller holds the lock)."""
+        ctx = self._contexts.get(key)
+        if ctx is not None:
+            self._contexts.move_to_end(key)
+            self.stats.hits += 1
+        return ctx
+
     def context_for(self, sni: str) -> ssl.SSLContext:
         with self._lock:
             # Fast path: keys are only ever normalised names, so an exact hit is already valid and
             # normal (skips normalise_sni, whose ip_address() probe raises for every host name).
-            ctx = self._contexts.get(sni)
-            if ctx is not None:
-                self._contexts.move_to_end(sni)
-                self.stats.hits += 1
-                return ctx
+            ctx = self._hit(sni)
+        if ctx is not None:
+            return ctx
         host = normalise_sni(sni)
         with self._lock:
-            ctx = self._contexts.get(host)
+            ctx = self._hit(host)
             if ctx is not None:
-                self._contexts.move_to_end(host)
-                self.stats.hits += 1
                 return ctx
             self.stats.misses += 1
             ctx = self._mint(host)
