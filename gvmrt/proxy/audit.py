@@ -1,0 +1,63 @@
+"""The sidecar's audit log: one JSON line per decision (issue 3; DESIGN.md §7).
+
+One small interface on purpose: "An audit log that stands up in front of an auditor" will replace
+this writer with a hash-chained one, and the server only ever calls `write`.
+
+The file is opened O_APPEND and each line goes out in one write(2), so lines from concurrent
+writers never interleave (POSIX: an append write is atomic with respect to the file offset). A
+failure raises `AuditError`; the server then refuses the request with 503 (fail closed: a request
+that cannot be recorded is not forwarded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from gvmrt.errors import GvmrtError
+
+__all__ = ["AuditError", "AuditWriter"]
+
+
+class AuditError(GvmrtError):
+    """The audit line could not be written (or synced)."""
+
+
+class AuditWriter:
+    """Appends ``json.dumps(entry) + "\\n"`` to `path`; ``sync=True`` also fsyncs before returning.
+
+    Blocking (write/fsync): the server calls it from a worker thread when it syncs (STYLE.md
+    habit 8). Safe to call from several threads: each line is a single append write.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise AuditError(f"audit log {self.path}: cannot open: {exc.strerror}") from exc
+
+    def write(self, entry: dict[str, Any], *, sync: bool = False) -> None:
+        line = (json.dumps(entry, separators=(",", ":"), sort_keys=True) + "\n").encode()
+        try:
+            written = os.write(self._fd, line)
+            if written != len(line):
+                # A short append (disk full mid-line) leaves a torn line; say so rather than retry
+                # and interleave the rest with another writer's line.
+                raise AuditError(f"audit log {self.path}: short write ({written} of {len(line)} bytes)")
+            if sync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            raise AuditError(f"audit log {self.path}: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> AuditWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,491 @@
+"""The sidecar's socket and TLS I/O: an explicit HTTP proxy that decides every request by policy.
+
+This is the one module of the proxy with side effects (STYLE.md habit 2): `h1` parses,
+`gvmrt.policy` decides, `audit` records, `upstream` dials; here they are wired to sockets.
+
+Clients speak to it as to any explicit proxy (HTTP_PROXY/HTTPS_PROXY):
+
+- ``GET http://host/path HTTP/1.1`` (absolute form, RFC 9112 §3.2.2): decided on the URL's host,
+  forwarded in origin form with Host set from the URL (a Host header never chooses the target).
+- ``CONNECT host:443``: answered 200 by the sidecar itself, then TLS is terminated with a leaf for
+  the CONNECT host from the per-container CA, and the HTTP/1.1 requests inside are decided on the
+  CONNECT authority; a Host header that names anything else is denied.
+
+TLS runs in the event loop's native SSL transport (`StreamWriter.start_tls`, `open_connection(ssl=)`)
+because driving TLS from Python measured ~3x slower (DESIGN.md §6). Bodies are streamed as h1
+`Data` events, one socket read (≤ READ_SIZE) at a time; the only buffering is a request body of at
+most MAX_JSON_BODY, read before the decision so JSON body rules can see it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import ssl
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlsplit
+
+from gvmrt.policy import BadHost, CompiledPolicy, Deny, Verdict, canonical_host
+from gvmrt.policy.matcher import MAX_JSON_BODY
+from gvmrt.proxy import h1
+from gvmrt.proxy.audit import AuditError, AuditWriter
+from gvmrt.proxy.certs import CertificateAuthority, LeafCache
+from gvmrt.proxy.upstream import READ_SIZE, EventStream, Pool, Resolver, Upstream, UpstreamError
+
+__all__ = ["serve", "Sidecar", "Timeouts"]
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds; every socket read and write is under one of these (STYLE.md habit 8)."""
+
+    client_idle: float = 60.0      # waiting for the next request head on a kept-alive connection
+    read: float = 30.0             # any other read, client or upstream
+    write: float = 30.0            # each write + drain
+    tls_handshake: float = 10.0
+
+
+@dataclass
+class _Exchange:
+    """What the audit line of one request says."""
+
+    request_id: str
+    method: str
+    host: str
+    port: int
+    path: str
+    started: float = field(default_factory=time.monotonic)
+    rule: str | None = None
+    decision: str = "deny"
+    reason: str = ""
+    status: int = 0
+    bytes_out: int = 0             # request body bytes, agent -> upstream
+    bytes_in: int | None = 0       # response body bytes, upstream -> agent (declared length when streamed)
+    flagged: bool = False
+
+    def entry(self) -> dict[str, Any]:
+        return {
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "request_id": self.request_id, "method": self.method, "host": self.host, "port": self.port,
+            "path": self.path, "rule": self.rule, "decision": self.decision, "reason": self.reason,
+            "status": self.status, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 3), "flagged": self.flagged,
+        }
+
+
+class _Close(Exception):
+    """End this client connection quietly (EOF, timeout, reset, or after a response that closes it)."""
+
+
+class Sidecar:
+    """One proxy instance: the policy, CA, audit writer and upstream pool shared by all connections."""
+
+    def __init__(self, policy: CompiledPolicy, ca: CertificateAuthority, audit: AuditWriter, *,
+                 upstream_cafile: str | None = None, allow_private: Collection[str] = frozenset(),
+                 resolve: Resolver | None = None, timeouts: Timeouts = Timeouts()) -> None:
+        self.policy = policy
+        self.leaves = LeafCache(ca)
+        self.audit = audit
+        self.timeouts = timeouts
+        self.pool = Pool(resolve=resolve, allow_private={_canon(h) for h in allow_private},
+                         upstream_cafile=upstream_cafile)
+
+    # --- connections -----------------------------------------------------------------------
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one client connection until it closes or errs."""
+        try:
+            await self._serve(reader, writer, tunnel=None)
+        except (_Close, ConnectionError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1):
+                    await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     tunnel: tuple[str, int] | None) -> None:
+        client = EventStream(reader, h1.RequestParser())
+        while True:
+            try:
+                event = await client.next(self.timeouts.client_idle)
+            except h1.ProtocolError as exc:
+                await self._error(writer, exc.status, exc.reason)
+                return
+            if event is None:
+                return
+            assert isinstance(event, h1.RequestHead), event
+            if event.method == b"CONNECT":
+                if tunnel is not None:
+                    await self._error(writer, 400, "CONNECT inside a CONNECT tunnel")
+                    return
+                await self._connect(client, reader, writer, event)
+                return
+            keep = await self._request(client, writer, event, tunnel)
+            if not keep:
+                return
+
+    async def _connect(self, client: EventStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       head: h1.RequestHead) -> None:
+        """Answer CONNECT, terminate TLS as the CONNECT host, then serve the requests inside."""
+        if head.body is not h1.BodyKind.NONE:
+            await self._error(writer, 400, "CONNECT with a body")
+            return
+        authority = head.target.decode("ascii")
+        host_part, _, port_s = authority.rpartition(":")
+        try:
+            host = _canon(host_part)
+        except BadHost as exc:
+            await self._error(writer, 400, str(exc))
+            return
+        event = await client.next(self.timeouts.read)       # the CONNECT's EndOfMessage
+        assert isinstance(event, h1.EndOfMessage)
+        if client.pending or client.parser.buffered:
+            # Bytes after CONNECT before our 200: a client that does not wait (or smuggles).
+            await self._error(writer, 400, "data sent before the CONNECT was answered")
+            return
+        await self._send(writer, b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        # The leaf names the CONNECT host: that is what the policy decides on. A client whose SNI
+        # names another host then fails its own verification (fail safe), and a client without SNI
+        # still gets the right certificate (issue 3: "the CONNECT authority is the host").
+        ctx = self.leaves.context_for(host[1:-1] if host.startswith("[") else host)
+        await writer.start_tls(ctx, ssl_handshake_timeout=self.timeouts.tls_handshake)
+        await self._serve(reader, writer, tunnel=(host, int(port_s)))
+
+    # --- one request -----------------------------------------------------------------------
+
+    async def _request(self, client: EventStream, writer: asyncio.StreamWriter, head: h1.RequestHead,
+                       tunnel: tuple[str, int] | None) -> bool:
+        """Decide, answer or forward one request; True to keep the client connection."""
+        method = head.method.decode("ascii")
+        target = head.target.decode("latin-1")
+        request_id = secrets.token_hex(8)
+        host_hdr = h1.header_values(head.headers, b"host")
+        # Where the request goes. Never from a Host header alone.
+        problem = None
+        if tunnel is not None:
+            scheme, (host, port) = "https", tunnel
+            path = target
+            if not target.startswith("/"):
+                problem = "absolute-form or asterisk-form target inside a CONNECT tunnel"
+            elif host_hdr and _host_port(host_hdr[0], 443) != (host, port):
+                problem = (f"Host header {host_hdr[0].decode('latin-1')!r} does not match the CONNECT "
+                           f"target {host}:{port}")
+        else:
+            url = urlsplit(target)
+            scheme = url.scheme.lower()
+            if scheme not in ("http", "https") or not url.netloc:
+                await self._error(writer, 400, "an explicit proxy needs an absolute-form target (http://host/path)")
+                return False
+            try:
+                host = _canon(url.hostname or "")
+                port = url.port or (443 if scheme == "https" else 80)
+            except (BadHost, ValueError) as exc:
+                await self._error(writer, 400, f"bad host in request target: {exc}")
+                return False
+            if url.username is not None or url.password is not None:
+                problem = "userinfo in the request target"
+            path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        ex = _Exchange(request_id, method, host, port, path)
+
+        # Read a small body before deciding, so JSON body rules can see it (bounded: MAX_JSON_BODY).
+        prefix: list[h1.Event] = []
+        body: bytes | None = None
+        # (A bodiless request is read to its EndOfMessage here too.) A larger or chunked body is
+        # streamed after the decision, and JSON rules see it as uninspectable.
+        if head.body is h1.BodyKind.NONE or (
+                head.body is h1.BodyKind.LENGTH and (head.content_length or 0) <= MAX_JSON_BODY):
+            while True:
+                event = await self._client_event(client)
+                prefix.append(event)
+                if isinstance(event, h1.EndOfMessage):
+                    break
+            body = b"".join(e.data for e in prefix if isinstance(e, h1.Data))
+
+        if problem is not None:
+            verdict = Verdict(None, _deny(problem), True, f"refused: {problem}")
+        else:
+            verdict = self.policy.decide(method, host, port, path, head.headers, body)
+        decision = verdict.decision
+        ex.rule, ex.decision, ex.reason = verdict.rule_id, decision.action, verdict.reason
+        ex.flagged = verdict.flagged or decision.action == "audit_only"
+        body_done = bool(prefix)
+
+        if decision.action == "require_approval":
+            # Issue 3: held, then denied at the timeout (approvals arrive with issue 4).
+            await asyncio.sleep(decision.timeout_s)
+            ex.decision, ex.reason = "deny", f"{verdict.reason}: approval not given within {decision.timeout_s} s"
+            return await self._deny(writer, ex, head, body_done, ex.reason)
+        if decision.action == "deny":
+            return await self._deny(writer, ex, head, body_done, verdict.reason)
+        if decision.action == "delay":
+            await asyncio.sleep(decision.ms / 1000)
+        return await self._forward(client, writer, head, ex, scheme, prefix, body_done)
+
+    async def _deny(self, writer: asyncio.StreamWriter, ex: _Exchange, head: h1.RequestHead,
+                    body_done: bool, reason: str) -> bool:
+        ex.status = 403
+        payload = {"decision": "deny", "rule": ex.rule, "reason": reason, "request_id": ex.request_id}
+        keep = head.keep_alive and body_done     # an unread request body: close rather than drain it
+        if not await self._record(writer, ex, sync=True):
+            return False
+        await self._respond(writer, 403, "Forbidden", json.dumps(payload).encode(), keep,
+                            extra=((b"X-Gvm-Decision", b"deny"), (b"X-Gvm-Request-Id", ex.request_id.encode())))
+        return keep
+
+    async def _record(self, writer: asyncio.StreamWriter, ex: _Exchange, sync: bool) -> bool:
+        """Write the audit line; on failure answer 503 and return False (fail closed)."""
+        try:
+            if sync:
+                await asyncio.to_thread(self.audit.write, ex.entry(), sync=True)
+            else:
+                self.audit.write(ex.entry())
+        except AuditError as exc:
+            await self._respond(writer, 503, "Service Unavailable",
+                                json.dumps({"decision": "error", "reason": f"cannot record the request: {exc}",
+                                            "request_id": ex.request_id}).encode(), False,
+                                extra=((b"X-Gvm-Request-Id", ex.request_id.encode()),))
+            return False
+        return True
+
+    async def _client_event(self, client: EventStream) -> h1.Event:
+        """The next event of a request body; a cut or malformed body ends the connection."""
+        try:
+            event = await client.next(self.timeouts.read)
+        except h1.ProtocolError:
+            raise _Close() from None
+        if event is None:
+            raise _Close()
+        return event
+
+    # --- forwarding ------------------------------------------------------------------------
+
+    async def _forward(self, client: EventStream, writer: asyncio.StreamWriter, head: h1.RequestHead,
+                       ex: _Exchange, scheme: str, prefix: list[h1.Event], body_done: bool) -> bool:
+        key = (scheme, ex.host, ex.port)
+        authority = ex.host if ex.port == (443 if scheme == "https" else 80) else f"{ex.host}:{ex.port}"
+        headers = tuple((n, v) for n, v in h1.strip_hop_by_hop(head.headers) if n.lower() != b"host")
+        headers = ((b"Host", authority.encode("ascii")),) + headers
+        chunked = head.body is h1.BodyKind.CHUNKED
+        if chunked:
+            headers += ((b"Transfer-Encoding", b"chunked"),)
+        out_head = h1.serialize_request_head(
+            h1.RequestHead(head.method, ex.path.encode("latin-1"), b"1.1", headers, True, head.body,
+                           head.content_length), headers)
+        # One retry on a stale pooled connection (issue 3, trap 2): only when the request is
+        # replayable, i.e. its body (if any) is still in hand.
+        up: Upstream | None = self.pool.take_idle(key)
+        reused = up is not None
+        try:
+            if up is None:
+                up = await self.pool.connect(key)
+            while True:
+                try:
+                    await self._send_request(up, client, out_head, prefix, body_done, chunked, ex)
+                    response = await self._response_head(up)
+                    break
+                except (ConnectionError, _StaleUpstream):
+                    up.close()
+                    if not (reused and body_done):
+                        raise
+                    reused = False
+                    ex.bytes_out = 0
+                    up = await self.pool.connect(key)
+        except UpstreamError as exc:
+            return await self._fail(writer, ex, exc.status, exc.reason, head, body_done and up is None)
+        except (ConnectionError, _StaleUpstream, TimeoutError, ssl.SSLError) as exc:
+            if up is not None:
+                up.close()
+            return await self._fail(writer, ex, 502 if not isinstance(exc, TimeoutError) else 504,
+                                    f"upstream {ex.host}:{ex.port}: {exc.__class__.__name__} {exc}".strip(),
+                                    head, False)
+        except h1.ProtocolError as exc:
+            up.close()
+            return await self._fail(writer, ex, 502, f"upstream {ex.host}: {exc.reason}", head, False)
+        except BaseException:
+            # The client went away mid-body (_Close), or we are cancelled: the upstream connection
+            # is in an unknown state, so it is closed rather than pooled.
+            if up is not None:
+                up.close()
+            raise
+
+        # Relay the response, recording it first: if the line cannot be written, the agent gets
+        # 503 instead of the upstream's answer.
+        ex.status = response.status
+        ex.bytes_in = response.content_length if response.body is h1.BodyKind.LENGTH else (
+            0 if response.body is h1.BodyKind.NONE else None)
+        sync = ex.decision in ("delay", "require_approval")
+        if not await self._record(writer, ex, sync):
+            up.close()
+            return False
+        keep = head.keep_alive
+        r_headers = h1.strip_hop_by_hop(response.headers)
+        reframe = response.body in (h1.BodyKind.CHUNKED, h1.BodyKind.UNTIL_CLOSE)
+        if reframe:
+            if head.version == b"1.1":
+                r_headers += ((b"Transfer-Encoding", b"chunked"),)
+            else:
+                keep = False       # an HTTP/1.0 client: the body ends when we close
+                reframe = False
+        r_headers += ((b"X-Gvm-Decision", ex.decision.encode()), (b"X-Gvm-Request-Id", ex.request_id.encode()))
+        if not keep:
+            r_headers += ((b"Connection", b"close"),)
+        out = h1.serialize_response_head(
+            h1.ResponseHead(response.status, response.reason, b"1.1", r_headers, keep, response.body), r_headers)
+        try:
+            await self._send(writer, out)
+            await self._relay(writer, up.stream, reframe)
+        except (h1.ProtocolError, ConnectionError, TimeoutError, ssl.SSLError):
+            # Mid-body: the status line is gone, so all we can do is cut the client connection.
+            up.close()
+            raise _Close() from None
+        except BaseException:
+            up.close()
+            raise
+        if response.keep_alive:
+            self.pool.release(up)          # checks that nothing follows the response
+        else:
+            up.close()
+        return keep
+
+    async def _relay(self, writer: asyncio.StreamWriter, up_stream: EventStream, reframe: bool) -> None:
+        """Copy a response body to the client, one upstream read at a time (bounded memory)."""
+        while True:
+            event = await up_stream.next(self.timeouts.read)
+            if event is None or isinstance(event, h1.EndOfMessage):
+                if reframe:
+                    await self._send(writer, h1.last_chunk())
+                return
+            assert isinstance(event, h1.Data)
+            await self._send(writer, h1.chunk(event.data) if reframe else event.data)
+
+    async def _send_request(self, up: Upstream, client: EventStream, out_head: bytes, prefix: list[h1.Event],
+                            body_done: bool, chunked: bool, ex: _Exchange) -> None:
+        up.uses += 1
+        up.parser.expect(out_head.split(b" ", 1)[0])
+        await self._send(up.writer, out_head)
+        events: list[h1.Event] = list(prefix)
+        while True:
+            for event in events:
+                if isinstance(event, h1.Data):
+                    ex.bytes_out += len(event.data)
+                    await self._send(up.writer, h1.chunk(event.data) if chunked else event.data)
+                elif isinstance(event, h1.EndOfMessage):
+                    if chunked:
+                        await self._send(up.writer, h1.last_chunk())
+                    return
+            if body_done:
+                return
+            events = [await self._client_event(client)]
+
+    async def _response_head(self, up: Upstream) -> h1.ResponseHead:
+        stream = up.stream
+        before = stream.received
+        while True:
+            event = await stream.next(self.timeouts.read)
+            if event is None:
+                if stream.received == before:
+                    raise _StaleUpstream("upstream closed the connection before answering")
+                raise ConnectionError("upstream closed the connection")
+            if isinstance(event, h1.ResponseHead) and event.status >= 200:
+                return event
+            # 1xx interim responses are dropped: the whole request body is already sent.
+
+    async def _fail(self, writer: asyncio.StreamWriter, ex: _Exchange, status: int, reason: str,
+                    head: h1.RequestHead, keep: bool) -> bool:
+        ex.status, ex.reason = status, f"{ex.reason}; {reason}" if ex.reason else reason
+        ex.flagged = True
+        if not await self._record(writer, ex, sync=True):
+            return False
+        keep = keep and head.keep_alive
+        payload = {"decision": ex.decision, "rule": ex.rule, "reason": reason, "request_id": ex.request_id}
+        await self._respond(writer, status, "Bad Gateway" if status == 502 else "Forbidden" if status == 403
+                            else "Gateway Timeout", json.dumps(payload).encode(), keep,
+                            extra=((b"X-Gvm-Decision", ex.decision.encode()),
+                                   (b"X-Gvm-Request-Id", ex.request_id.encode())))
+        return keep
+
+    # --- writing ---------------------------------------------------------------------------
+
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(data)
+        async with asyncio.timeout(self.timeouts.write):
+            await writer.drain()
+
+    async def _respond(self, writer: asyncio.StreamWriter, status: int, reason: str, body: bytes, keep: bool,
+                       extra: h1.Headers = ()) -> None:
+        headers = ((b"Content-Type", b"application/json"), (b"Content-Length", str(len(body)).encode())) + extra
+        if not keep:
+            headers += ((b"Connection", b"close"),)
+        await self._send(writer, b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (
+            status, reason.encode(), b"".join(b"%s: %s\r\n" % h for h in headers), body))
+
+    async def _error(self, writer: asyncio.StreamWriter, status: int, reason: str) -> None:
+        """Answer a malformed request (no decision was made) and let the caller close."""
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            await self._respond(writer, status, _REASONS.get(status, "Error"),
+                                json.dumps({"decision": "error", "reason": reason}).encode(), False)
+
+
+class _StaleUpstream(Exception):
+    """A reused upstream connection closed before sending a byte of the response."""
+
+
+_REASONS = {400: "Bad Request", 403: "Forbidden", 431: "Request Header Fields Too Large",
+            501: "Not Implemented", 502: "Bad Gateway", 505: "HTTP Version Not Supported"}
+
+
+def _deny(reason: str) -> Deny:
+    return Deny(action="deny", reason=reason)
+
+
+def _canon(host: str) -> str:
+    return canonical_host(host)
+
+
+def _host_port(value: bytes, default_port: int) -> tuple[str, int] | None:
+    """A Host header value as (canonical host, port), or None if it does not parse."""
+    text = value.decode("latin-1")
+    try:
+        host = canonical_host(text)
+    except BadHost:
+        return None
+    port = default_port
+    tail = text[text.rfind("]") + 1:] if text.startswith("[") else text
+    if ":" in tail:
+        digits = tail.rsplit(":", 1)[1]
+        if not digits.isdigit():
+            return None
+        port = int(digits)
+    return host, port
+
+
+async def serve(listen: tuple[str, int], policy: CompiledPolicy, ca: CertificateAuthority, audit: AuditWriter,
+                upstream_cafile: str | None = None, allow_private: Collection[str] = frozenset(),
+                ready: asyncio.Event | None = None, *, resolve: Resolver | None = None,
+                timeouts: Timeouts = Timeouts(), bound: list[tuple[str, int]] | None = None) -> None:
+    """Run the explicit proxy on `listen` until cancelled.
+
+    `allow_private` names hosts (as in the policy) that may resolve to loopback/private addresses.
+    `resolve(host, port) -> [address, ...]` replaces getaddrinfo (tests map names to loopback).
+    `ready` is set once listening; `bound`, if given, receives the bound address (for port 0).
+    """
+    sidecar = Sidecar(policy, ca, audit, upstream_cafile=upstream_cafile, allow_private=allow_private,
+                      resolve=resolve, timeouts=timeouts)
+    server = await asyncio.start_server(sidecar.handle, listen[0], listen[1], limit=READ_SIZE)
+    if bound is not None:
+        bound.extend(sock.getsockname()[:2] for sock in server.sockets)
+    try:
+        async with server:
+            if ready is not None:
+                ready.set()
+            await server.serve_forever()
+    finally:
+        sidecar.pool.close()

@@ -1,0 +1,223 @@
+"""Upstream side of the sidecar: name resolution, the SSRF guard, and a small connection pool.
+
+The sidecar connects by the *name* the policy decided on, resolved here, never by an address the
+agent chose (DESIGN.md §5). Every resolved address must be public: the sidecar runs in the host
+namespace and must not become the agent's path to host or cloud-internal services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
+
+from gvmrt.errors import GvmrtError
+from gvmrt.proxy import h1
+from gvmrt.proxy.h1 import ResponseParser
+
+__all__ = ["EventStream", "UpstreamError", "Resolver", "Upstream", "Pool", "address_problem", "default_resolve"]
+
+READ_SIZE = 64 * 1024
+
+CONNECT_TIMEOUT = 10.0
+IDLE_CUTOFF = 15.0          # below common server keep-alive timeouts (nginx 75 s, Apache 5 s..15 s)
+MAX_IDLE_PER_KEY = 8
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+Key = tuple[str, str, int]  # (scheme, host, port)
+
+
+class UpstreamError(GvmrtError):
+    """Cannot reach the upstream; `status` is what the client is answered (403 for the guard)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(reason)
+
+
+async def default_resolve(host: str, port: int) -> list[str]:
+    """All addresses of `host` (the event loop's getaddrinfo, in a worker thread)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def address_problem(address: str) -> str | None:
+    """Why `address` may not be dialled, or None for a public unicast address.
+
+    ``is_global`` is False for loopback, RFC 1918, CGNAT, link-local (169.254.0.0/16, hence the
+    cloud metadata address 169.254.169.254, and fe80::/10), ULA (fc00::/7, hence AWS's
+    fd00:ec2::254), unspecified, documentation and reserved ranges. Multicast is checked apart
+    because some multicast scopes count as global. IPv4-mapped (::ffff:a.b.c.d) and NAT64
+    (64:ff9b::/96) forms are judged by the IPv4 address they carry, since the kernel (or a NAT64
+    gateway) delivers them there.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return f"{address!r} is not an IP address"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.is_multicast:
+        return f"{ip} is a multicast address"
+    if not ip.is_global:
+        kind = ("loopback" if ip.is_loopback else "link-local (cloud metadata range)" if ip.is_link_local
+                else "unspecified" if ip.is_unspecified else "private")
+        return f"{ip} is a {kind} address"
+    return None
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+class EventStream:
+    """A byte stream feeding an h1 parser, handing out its events one at a time.
+
+    Reads at most READ_SIZE bytes per socket read, so a body is never held whole: the events of
+    one read are consumed before the next read.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, parser: h1.RequestParser | h1.ResponseParser) -> None:
+        self.reader = reader
+        self.parser = parser
+        self.pending: list[h1.Event] = []
+        self.eof = False
+        self.received = 0          # bytes read so far (tells a stale pooled upstream apart)
+
+    async def next(self, timeout: float) -> h1.Event | None:
+        """The next event, or None at EOF between messages. Raises h1.ProtocolError, TimeoutError."""
+        while not self.pending:
+            if self.eof:
+                return None
+            async with asyncio.timeout(timeout):
+                data = await self.reader.read(READ_SIZE)
+            if data:
+                self.received += len(data)
+                self.pending = self.parser.feed(data)
+            else:
+                self.eof = True
+                self.pending = self.parser.feed_eof()
+        return self.pending.pop(0)
+
+
+@dataclass(eq=False)
+class Upstream:
+    """One connection to an upstream server, with the parser of its response stream."""
+
+    key: Key
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    parser: ResponseParser = field(default_factory=ResponseParser)
+    idle_since: float = 0.0
+    uses: int = 0
+    stream: EventStream = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stream = EventStream(self.reader, self.parser)
+
+    def usable(self) -> bool:
+        # The EOF check of issue 3's second trap: a pooled connection the server has closed shows
+        # EOF (or a closing transport) once the loop has read the FIN.
+        return not (self.stream.eof or self.stream.pending or self.parser.buffered or self.reader.at_eof() or self.writer.is_closing() or self.reader.exception() is not None)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Pool:
+    """Idle upstream connections keyed by (scheme, host, port), with an idle cut-off."""
+
+    def __init__(self, *, resolve: Resolver | None = None, allow_private: Collection[str] = frozenset(),
+                 upstream_cafile: str | None = None, idle_cutoff: float = IDLE_CUTOFF,
+                 max_idle_per_key: int = MAX_IDLE_PER_KEY) -> None:
+        self._resolve = resolve or default_resolve
+        self._allow_private = frozenset(h.lower() for h in allow_private)
+        self._cafile = upstream_cafile
+        self._tls: ssl.SSLContext | None = None
+        self._idle: dict[Key, list[Upstream]] = {}
+        self.idle_cutoff = idle_cutoff
+        self.max_idle_per_key = max_idle_per_key
+        self.connects = 0               # fresh connections opened (tests and stats)
+
+    def tls_context(self) -> ssl.SSLContext:
+        # ~21 ms to build (issue 3, "costs"): once per pool, lazily.
+        if self._tls is None:
+            ctx = ssl.create_default_context()
+            if self._cafile is not None:
+                ctx.load_verify_locations(cafile=self._cafile)   # added to the system store, not instead
+            ctx.set_alpn_protocols(["http/1.1"])
+            self._tls = ctx
+        return self._tls
+
+    def take_idle(self, key: Key) -> Upstream | None:
+        """A pooled connection for `key` that still looks alive, or None."""
+        conns = self._idle.get(key)
+        now = time.monotonic()
+        while conns:
+            up = conns.pop()
+            if now - up.idle_since < self.idle_cutoff and up.usable():
+                return up
+            up.close()
+        return None
+
+    async def connect(self, key: Key) -> Upstream:
+        """A fresh connection: resolve by name, refuse non-public addresses, then dial (TLS for https)."""
+        scheme, host, port = key
+        name = host[1:-1] if host.startswith("[") else host
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                addresses = await self._resolve(name, port)
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamError(502, f"cannot resolve {host}: {exc}") from exc
+        if not addresses:
+            raise UpstreamError(502, f"{host} has no address")
+        if host not in self._allow_private:
+            # All of them, not just the one we would dial: a name that mixes public and private
+            # answers is a rebinding attempt as far as the sidecar is concerned.
+            for address in addresses:
+                problem = address_problem(address)
+                if problem is not None:
+                    raise UpstreamError(403, f"upstream {host} resolves to {address}: {problem}; refused "
+                                             f"(name it in the policy's private hosts to allow it)")
+        tls = self.tls_context() if scheme == "https" else None
+        last: Exception | None = None
+        for address in addresses:
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    reader, writer = await asyncio.open_connection(
+                        address, port, ssl=tls, server_hostname=name if tls else None,
+                        limit=READ_SIZE)
+            except ssl.SSLError as exc:
+                raise UpstreamError(502, f"TLS to upstream {host} failed: {exc.reason or exc}") from exc
+            except (OSError, TimeoutError) as exc:
+                last = exc
+                continue
+            self.connects += 1
+            return Upstream(key, reader, writer)
+        raise UpstreamError(502, f"cannot connect to {host}:{port}: {last}")
+
+    def release(self, up: Upstream) -> None:
+        """Return a connection after a complete, keep-alive exchange."""
+        if not up.usable():
+            up.close()
+            return
+        conns = self._idle.setdefault(up.key, [])
+        if len(conns) >= self.max_idle_per_key:
+            up.close()
+            return
+        up.idle_since = time.monotonic()
+        conns.append(up)
+
+    def close(self) -> None:
+        for conns in self._idle.values():
+            for up in conns:
+                up.close()
+        self._idle.clear()
