@@ -72,6 +72,14 @@ def spec(
         raise UsageError(f"{path}: {exc.strerror}") from None
 
 
+def _proxy_command() -> None:
+    from gvmrt.cli.proxy import proxy
+    app.command(name="proxy")(proxy)
+
+
+_proxy_command()
+
+
 def _lifecycle(verb: str) -> Any:
     from gvmrt.cli import VERBS
 
