@@ -95,11 +95,30 @@ class Sidecar:
         self.timeouts = timeouts
         self.pool = Pool(resolve=resolve, allow_private={_canon(h) for h in allow_private},
                          upstream_cafile=upstream_cafile)
+        # Live client connections: asyncio.start_server's handler tasks are not cancelled when the
+        # server stops (3.11), so serve() cancels them itself and nothing is left to the GC.
+        self.tasks: set[asyncio.Task] = set()
+
+    async def shutdown(self) -> None:
+        """Cancel every client connection still being served and wait for each to close."""
+        tasks = [t for t in self.tasks if not t.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for writer in self.pool.close():
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1):
+                    await writer.wait_closed()
 
     # --- connections -----------------------------------------------------------------------
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one client connection until it closes or errs."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
         try:
             await self._serve(reader, writer, tunnel=None)
         except (_Close, ConnectionError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError):
@@ -488,4 +507,4 @@ async def serve(listen: tuple[str, int], policy: CompiledPolicy, ca: Certificate
                 ready.set()
             await server.serve_forever()
     finally:
-        sidecar.pool.close()
+        await sidecar.shutdown()

@@ -216,8 +216,13 @@ class Pool:
         up.idle_since = time.monotonic()
         conns.append(up)
 
-    def close(self) -> None:
+    def close(self) -> list[asyncio.StreamWriter]:
+        """Close every idle connection; returns their writers so an async caller can wait for the
+        sockets to be released (a transport only lets go of its socket on a later loop iteration)."""
+        writers = []
         for conns in self._idle.values():
             for up in conns:
                 up.close()
+                writers.append(up.writer)
         self._idle.clear()
+        return writers
