@@ -18,10 +18,8 @@ MACHINE = os.uname().machine
 # System call numbers for the calls glibc 2.36 has no wrapper for.
 # x86_64: arch/x86/entry/syscalls/syscall_64.tbl; aarch64: include/uapi/asm-generic/unistd.h.
 _NR = {
-    "x86_64": {"pivot_root": 155, "seccomp": 317, "pidfd_open": 434, "pidfd_send_signal": 424,
-               "close_range": 436, "capget": 125, "capset": 126},
-    "aarch64": {"pivot_root": 41, "seccomp": 277, "pidfd_open": 434, "pidfd_send_signal": 424,
-                "close_range": 436, "capget": 90, "capset": 91},
+    "x86_64": {"pivot_root": 155, "seccomp": 317, "close_range": 436, "capset": 126},
+    "aarch64": {"pivot_root": 41, "seccomp": 277, "close_range": 436, "capset": 91},
 }
 try:
     NR = _NR[MACHINE]
@@ -123,15 +121,6 @@ def pivot_root(new_root: str, put_old: str) -> None:
     _check(_libc.syscall(NR["pivot_root"], _b(new_root), _b(put_old)), "pivot_root", new_root)
 
 
-def pidfd_open(pid: int) -> int:
-    return _check(_libc.syscall(NR["pidfd_open"], ctypes.c_int(pid), ctypes.c_uint(0)), "pidfd_open")
-
-
-def pidfd_send_signal(pidfd: int, sig: int) -> None:
-    _check(_libc.syscall(NR["pidfd_send_signal"], ctypes.c_int(pidfd), ctypes.c_int(sig), None,
-                         ctypes.c_uint(0)), "pidfd_send_signal")
-
-
 def close_range(first: int, last: int = 0xFFFFFFFF) -> None:
     """Close every fd in [first, last]; falls back to os.closerange on old kernels."""
     if _libc.syscall(NR["close_range"], ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(0)) < 0:
@@ -148,15 +137,6 @@ class _CapHeader(ctypes.Structure):
 
 class _CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-
-
-def capget() -> tuple[int, int, int]:
-    """(effective, permitted, inheritable) of this thread as 64-bit masks."""
-    hdr = _CapHeader(_CAP_V3, 0)
-    data = (_CapData * 2)()
-    _check(_libc.syscall(NR["capget"], ctypes.byref(hdr), ctypes.byref(data)), "capget")
-    return tuple(data[0].__getattribute__(f) | (data[1].__getattribute__(f) << 32)  # type: ignore[return-value]
-                 for f in ("effective", "permitted", "inheritable"))
 
 
 def capset(effective: int, permitted: int, inheritable: int) -> None:
