@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 
 # Part of the cache key: bump it whenever validation or the plan's shape changes, so a plan cached
 # under older, laxer rules is never used (2: stricter JSON types, sysctl and bind-option checks;
-# 4: gvm is a validated model, the plan carries the compiled-checked egress policy, not raw gvm).
-PLAN_VERSION = 4
+# 4: gvm is a validated model, the plan carries the compiled-checked egress policy, not raw gvm;
+# 5: "gvm" replaces "egress": the sidecar's listeners, CA path and the governed environment).
+PLAN_VERSION = 5
 
 # runc's libcontainer/specconv mountFlags table: option → (clear?, flag).
 MOUNT_FLAGS: dict[str, tuple[bool, int]] = {
@@ -163,11 +164,7 @@ def compile_config(cfg: Any, warnings: list[str]) -> dict[str, Any]:
         if any(d.allow for d in res.devices):
             warnings.append("linux.resources.devices allow rules are moot: every jail mount is nodev except the "
                             "default devices and devpts")
-    egress = _egress(cfg)
-    if cfg.gvm is not None and cfg.gvm.model_dump(exclude_none=True):
-        # Honesty until the sidecar lands: a policy a user wrote must not look enforced.
-        warnings.append("the gvm section (egress, dns, credentials, ...) is not enforced by this gvmrt version: "
-                        "the jail has no network beyond loopback")
+    gvm = _gvm(cfg, ns_types, warnings)
     if cfg.linux.cgroupsPath:
         warnings.append(f"linux.cgroupsPath {cfg.linux.cgroupsPath!r} ignored: no cgroup delegation on this host")
 
@@ -192,7 +189,8 @@ def compile_config(cfg: Any, warnings: list[str]) -> dict[str, Any]:
         "readonly": list(cfg.linux.readonlyPaths),
         "sysctl": dict(cfg.linux.sysctl),
         "process": {
-            "args": list(p.args), "env": list(p.env), "cwd": p.cwd, "terminal": p.terminal,
+            "args": list(p.args), "env": _governed_env(p.env) if gvm else list(p.env), "cwd": p.cwd,
+            "terminal": p.terminal,
             "console_size": [p.consoleSize.height, p.consoleSize.width] if p.consoleSize else None,
             "uid": p.user.uid, "gid": p.user.gid, "groups": list(p.user.additionalGids),
             "umask": p.user.umask if p.user.umask is not None else 0o022,
@@ -201,9 +199,61 @@ def compile_config(cfg: Any, warnings: list[str]) -> dict[str, Any]:
         },
         "seccomp": seccomp,
         "annotations": dict(cfg.annotations),
-        "egress": egress,
+        "gvm": gvm,
         "warnings": warnings,
     }
+
+
+# The jail's side of the sidecar (DESIGN.md §5): the explicit proxy's address, the ports captured
+# transparently on every address, and where the per-container CA appears in the rootfs.
+PROXY_PORT = 3128
+CAPTURED_PORTS = (80, 443)
+CA_PATH = "/etc/gvmrt/ca.pem"
+
+
+def _gvm(cfg: Any, ns_types: list[str], warnings: list[str]) -> dict[str, Any] | None:
+    """The governed part of the plan, or None (and a notice) for a plain OCI bundle."""
+    from gvmrt.errors import ConfigError
+    if cfg.gvm is None:
+        warnings.append("egress is not governed: config.json has no gvm section, so the sidecar does not run "
+                        "(add \"gvm\": {} for the default caution policy; `gvmrt spec` writes one)")
+        return None
+    # A governed jail gets a network namespace of its own, always: in the host's (or a shared
+    # one) the agent would reach the network directly and the sidecar would govern nothing.
+    if "network" not in ns_types:
+        raise ConfigError("config.json", "/linux/namespaces",
+                          "a bundle with a gvm section needs its own network namespace, the sidecar being its "
+                          "only way out; add {\"type\": \"network\"}")
+    i = ns_types.index("network")
+    if cfg.linux.namespaces[i].path:
+        raise ConfigError("config.json", f"/linux/namespaces/{i}/path",
+                          "a bundle with a gvm section cannot join an existing network namespace: traffic there "
+                          "would bypass the sidecar; remove the path")
+    reserved = sorted(k for k in ("dns", "credentials", "filesystem", "audit") if getattr(cfg.gvm, k) is not None)
+    if reserved:
+        warnings.append(f"gvm.{{{','.join(reserved)}}} not enforced by this gvmrt version (egress is)")
+    egress = _egress(cfg)
+    ports = {port for rule in (cfg.gvm.egress.rules if cfg.gvm.egress else ()) for port in rule.ports or ()}
+    return {
+        "egress": egress if egress is not None else {},
+        "capture": sorted((ports | set(CAPTURED_PORTS)) - {PROXY_PORT}),
+        "proxy_port": PROXY_PORT,
+        "ca_path": CA_PATH,
+    }
+
+
+def _governed_env(env: list[str]) -> list[str]:
+    """process.env plus the proxy and trust variables; ours replace the config's (the agent
+    changing them later gains nothing: every port but the captured ones is closed)."""
+    proxy = f"http://127.0.0.1:{PROXY_PORT}"
+    ours = {}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        ours[name] = ours[name.lower()] = proxy
+    ours["NO_PROXY"] = ours["no_proxy"] = "localhost,127.0.0.1,::1"
+    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"):
+        ours[name] = CA_PATH
+    kept = [e for e in env if e.split("=", 1)[0] not in ours]
+    return kept + [f"{k}={v}" for k, v in ours.items()]
 
 
 def _egress(cfg: Any) -> dict[str, Any] | None:

@@ -84,6 +84,12 @@ def oci_state(st: dict[str, Any], status: str) -> dict[str, Any]:
     }
     if "exit_status" in st and status == STOPPED:
         out["exitStatus"] = st["exit_status"]
+    side = st.get("sidecar")
+    if side:
+        # Not OCI (like runc's rootfs/created/owner): whether the jail's only way out is alive.
+        alive = _alive({"pid": side.get("pid"), "pid_start": side.get("pid_start")})
+        out["sidecar"] = {"pid": side.get("pid", 0) if alive else 0, "status": "running" if alive else "stopped",
+                          "audit": side.get("audit", "")}
     return out
 
 
@@ -194,7 +200,7 @@ class Runtime:
 
     # create -----------------------------------------------------------------
     def create(self, cid: str, bundle: str, *, pid_file: str | None = None, preserve_fds: int = 0,
-               console_socket: str | None = None) -> dict[str, Any]:
+               console_socket: str | None = None, watch: bool = False) -> dict[str, Any]:
         from gvmrt.linux import process
         from gvmrt.linux import sys as lsys
         from gvmrt.plan import NS_FLAGS, load_plan
@@ -237,6 +243,16 @@ class Runtime:
                 os.fstat(fd)
             except OSError:
                 raise UsageError(f"--preserve-fds {preserve_fds}: fd {fd} is not open") from None
+        gvm = plan.get("gvm")
+        upstream_ca = None
+        if gvm is not None and gvm["egress"].get("upstream_ca"):
+            upstream_ca = os.path.join(bundle, gvm["egress"]["upstream_ca"])
+            if not os.path.isfile(upstream_ca):
+                from gvmrt.errors import ConfigError
+                raise ConfigError(cfg_path, "/gvm/egress/upstream_ca", f"{upstream_ca}: no such file in the bundle")
+        if watch and gvm is None:
+            raise UsageError(f"--watch records what the sidecar sees, but {cfg_path} has no gvm section "
+                             "(add \"gvm\": {} to govern this bundle)")
         data = self.root.data_dir(cid)  # may fail (no home): before anything is made
 
         self.root.ensure()
@@ -252,8 +268,9 @@ class Runtime:
             "created": _now(), "owner": _owner(uid), "annotations": plan["annotations"],
             "uid_mappings": uid_maps, "gid_mappings": gid_maps,
         }
-        parent = child = None
-        init_pid = 0
+        parent = child = mon = None
+        init_pid = mon_pid = 0
+        fds: list[int] = []
         try:
             write_json_atomic(os.path.join(sdir, "state.json"), st)
             fifo = os.path.join(sdir, "exec.fifo")
@@ -277,6 +294,18 @@ class Runtime:
                 # read here, not in the jail: after pivot_root /proc is the container's to fake
                 "last_cap": lsys.last_cap(),
             }
+            if gvm is not None:
+                # Forked before the init, so its imports and the CA overlap the jail's setup.
+                from gvmrt import monitor
+                ca_dir = os.path.join(data, "ca")
+                os.mkdir(ca_dir, 0o700)
+                audit = self.root.audit_path(cid)
+                os.makedirs(os.path.dirname(audit), mode=0o700, exist_ok=True)
+                mon_pid, mon = monitor.spawn({
+                    "id": cid, "egress": gvm["egress"], "watch": watch, "ca_dir": ca_dir, "audit": audit,
+                    "log": os.path.join(sdir, "sidecar.log"), "upstream_ca": upstream_ca})
+                ctx["gvm"] = gvm
+                st["sidecar"] = {"pid": mon_pid, "audit": audit}
             ctx["fifo_fd"] = fifo_fd = os.open(fifo, os.O_PATH | os.O_CLOEXEC)
             console = _connect_console(console_socket) if console_socket else None
             ctx["console_fd"] = console.fileno() if console else -1
@@ -289,7 +318,21 @@ class Runtime:
                     console.close()
             child.close()
             child = None
-            init_pid = self._handshake(parent, mid, new_userns, uid_maps, gid_maps, uid)
+            init_pid, ready = self._handshake(parent, mid, new_userns, uid_maps, gid_maps, uid, mon)
+            fds = ready.get("fds", [])
+            if mon is not None:
+                # The listeners go on to the monitor; ours are closed so that it holds the only copies.
+                process.send(mon, fds=fds, listeners=ready.get("listeners", []), init=init_pid)
+                for fd in fds:
+                    os.close(fd)
+                fds = []
+                msg = _recv_sidecar(mon)
+                if not msg.get("serving"):
+                    raise GvmrtError(f"sidecar: unexpected answer {msg!r}")
+                mon_start = _starttime(mon_pid)
+                st["sidecar"]["pid_start"] = mon_start[0] if mon_start else 0
+                mon.close()
+                mon = None
             start = _starttime(init_pid)
             st.update(status=CREATED, pid=init_pid, pid_start=start[0] if start else 0)
             write_json_atomic(os.path.join(sdir, "state.json"), st)
@@ -297,12 +340,20 @@ class Runtime:
                 _write_pid_file(pid_file, init_pid)
             process.send(parent, ack=True)
         except BaseException:
-            if init_pid:
+            for fd in fds:
+                os.close(fd)
+            for pid in (init_pid, mon_pid):
+                if pid:
+                    try:
+                        os.kill(pid, _signal.SIGKILL)
+                    except OSError:
+                        pass
+            if mon_pid:
                 try:
-                    os.kill(init_pid, _signal.SIGKILL)
-                except OSError:
+                    os.waitpid(mon_pid, 0)  # our child until we exit
+                except ChildProcessError:
                     pass
-            for s in (parent, child):
+            for s in (parent, child, mon):
                 if s is not None:
                     s.close()
             lock.release()
@@ -313,7 +364,8 @@ class Runtime:
         return oci_state(st, CREATED)
 
     def _handshake(self, sock: Any, mid: int, new_userns: bool, uid_maps: list[list[int]],
-                   gid_maps: list[list[int]], uid: int) -> int:
+                   gid_maps: list[list[int]], uid: int, mon: Any) -> tuple[int, dict[str, Any]]:
+        """Drive the intermediate and the init to "ready"; returns (init pid, the ready message)."""
         from gvmrt.linux import process
         init_pid = 0
         try:
@@ -323,20 +375,25 @@ class Runtime:
             if new_userns:
                 process.write_id_maps(mid, uid_maps, gid_maps, deny_setgroups=uid != 0)
                 process.send(sock, mapped=True)
-            ready = False
+            if mon is not None:
+                # The init waits for the CA (the monitor made it meanwhile) before its network setup.
+                process.send(sock, ca=_recv_sidecar(mon)["ca"])
+            ready: dict[str, Any] | None = None
             # Two senders share the socket (the intermediate says which pid the init got, the init
             # says it is ready), so the two messages may come in either order.
             while not (ready and init_pid):
                 msg = process.recv(sock, timeout=60)
                 if "error" in msg:
+                    for fd in msg.get("fds", []):
+                        os.close(fd)
                     raise GvmrtError(f"container init: {msg['error']}")
                 if "init" in msg:
                     init_pid = msg["init"]
                     os.waitpid(mid, 0)
                     mid = 0
                 elif msg.get("ready"):
-                    ready = True
-            return init_pid
+                    ready = msg
+            return init_pid, ready
         except EOFError:
             raise GvmrtError("container init exited during setup without saying why") from None
         except process.ChildError as exc:
@@ -411,6 +468,8 @@ class Runtime:
                 _wait_gone(st, cid)
             elif force and st.get("pid"):
                 _wait_gone(st, cid)
+            if st.get("sidecar"):
+                _stop_sidecar(st["sidecar"], cid)
             # Derived, never read from state.json: a state file must not be able to aim rm -rf.
             try:
                 data: str | None = self.root.data_dir(cid)
@@ -425,14 +484,15 @@ class Runtime:
 
     # run --------------------------------------------------------------------
     def run(self, cid: str, bundle: str, *, detach: bool = False, keep: bool = False, pid_file: str | None = None,
-            preserve_fds: int = 0, console_socket: str | None = None) -> int:
+            preserve_fds: int = 0, console_socket: str | None = None, watch: bool = False) -> int:
         """create + start (+ wait and delete): the exit status, or 128+N for signal N."""
         from gvmrt.linux import sys as lsys
         if not detach:
             # The init is orphaned when the intermediate child exits; as a subreaper we inherit it,
             # so we can wait for it and return its status (prctl(2) PR_SET_CHILD_SUBREAPER).
             lsys.prctl(lsys.PR_SET_CHILD_SUBREAPER, 1)
-        st = self.create(cid, bundle, pid_file=pid_file, preserve_fds=preserve_fds, console_socket=console_socket)
+        st = self.create(cid, bundle, pid_file=pid_file, preserve_fds=preserve_fds, console_socket=console_socket,
+                         watch=watch)
         pid = st["pid"]
         forwarded = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT, _signal.SIGUSR1,
                      _signal.SIGUSR2, _signal.SIGWINCH)
@@ -505,6 +565,19 @@ def _write_pid_file(path: str, pid: int) -> None:
         except OSError:
             pass
         raise HostError(f"--pid-file {path}: {exc.strerror}") from exc
+
+
+def _recv_sidecar(mon: Any) -> dict[str, Any]:
+    from gvmrt.linux import process
+    try:
+        msg = process.recv(mon, timeout=30, what="the sidecar")
+    except EOFError:
+        raise GvmrtError("the sidecar exited during setup; see sidecar.log in the container's state dir") from None
+    except process.ChildError as exc:
+        raise GvmrtError(str(exc)) from None
+    if "error" in msg:
+        raise GvmrtError(msg["error"])
+    return msg
 
 
 def _wait_fifo(fd: int, pid: int, cid: str) -> None:
@@ -589,6 +662,34 @@ def _wait_gone(st: dict[str, Any], cid: str, timeout: float = 10) -> None:
             raise GvmrtError(f"container {cid!r}: init pid {st['pid']} still alive {timeout:.0f} s after SIGKILL")
     finally:
         os.close(pidfd)
+
+
+def _stop_sidecar(side: dict[str, Any], cid: str) -> None:
+    """The monitor exits by itself once the init is gone; give it a moment to flush its audit log,
+    then make sure (SIGTERM, then SIGKILL)."""
+    st = {"pid": side.get("pid"), "pid_start": side.get("pid_start")}
+    if not st["pid"] or not _alive(st):
+        _reap(st["pid"])
+        return
+    try:
+        _wait_gone(st, cid, timeout=2)
+    except GvmrtError:
+        _send_signal(st["pid"], _signal.SIGTERM, st["pid_start"])
+        try:
+            _wait_gone(st, cid, timeout=3)
+        except GvmrtError:
+            _send_signal(st["pid"], _signal.SIGKILL, st["pid_start"])
+            _wait_gone(st, cid)
+    _reap(st["pid"])
+
+
+def _reap(pid: int | None) -> None:
+    """Collect the monitor if it is our child (`gvmrt run` forked it), so no zombie outlives us."""
+    if pid:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
 
 
 def _wait_child(pid: int) -> int:

@@ -334,8 +334,10 @@ class Hooks(_Strict):
 class Gvm(_Strict):
     """The `gvm` extension: governance settings (spec/bundle.md, spec/policy.md).
 
-    Only ``egress`` is specified and validated; the other groups are reserved for later issues
-    and accepted as any JSON object, not enforced yet. Any other key is refused like a typo.
+    Its presence makes a bundle governed: its own network namespace whose only way out is the
+    sidecar (spec/policy.md). Only ``egress`` is specified and validated; the other groups are
+    reserved for later issues and accepted as any JSON object, not enforced yet (create says so).
+    Any other key is refused like a typo.
     """
 
     egress: Egress | None = None
@@ -499,4 +501,7 @@ def default_config(*, rootless: bool, uid: int, gid: int, args: list[str] | None
     }
     if not rootless:
         cfg["mounts"][1]["options"] = ["nosuid", "strictatime", "mode=755", "size=65536k"]
+    # Governed from the first run: the sidecar with the default policy (caution: unmatched
+    # requests are delayed and flagged). spec/policy.md shows rules to add.
+    cfg["gvm"] = {"egress": {"default": {"action": "delay", "ms": 300}, "rules": []}}
     return cfg

@@ -136,6 +136,15 @@ class StateRoot:
             key = "default"
         return os.path.join(data_root(), "containers", key, cid)
 
+    def audit_path(self, cid: str) -> str:
+        """The sidecar's decision log: outside the container's data dir, so `delete` keeps it."""
+        if self.custom:
+            from _sha256 import sha256
+            key = sha256(self.path.encode()).hexdigest()[:12]
+        else:
+            key = "default"
+        return os.path.join(data_root(), "audit", key, f"{cid}.jsonl")
+
 
 def write_json_atomic(path: str, obj: Any) -> None:
     data = _json.dumps(obj).encode()  # before creating anything: an encoding error leaves no file

@@ -47,11 +47,12 @@ VERBS: dict[str, dict[str, Any]] = {
         "opts": _CREATE_OPTS,
     },
     "run": {
-        "usage": "run [--bundle DIR] [--detach] [--keep] <id | bundle-dir>",
+        "usage": "run [--bundle DIR] [--detach] [--keep] [--watch] <id | bundle-dir>",
         "help": "Create, start and wait; exit with the container's status (128+N for signal N).",
         "opts": {**_CREATE_OPTS,
                  "--detach": (False, "return once the container runs"),
-                 "--keep": (False, "keep the container (state, upper dir) after it exits")},
+                 "--keep": (False, "keep the container (state, upper dir) after it exits"),
+                 "--watch": (False, "let every request through and record what the policy would decide")},
     },
     "start": {"usage": "start <id | bundle-dir>", "help": "Run the created container's process.", "opts": {}},
     "state": {"usage": "state <id | bundle-dir>", "help": "Print the OCI state of a container as JSON.", "opts": {}},
@@ -229,7 +230,7 @@ def run_verb(verb: str, gopts: dict[str, Any], argv: list[str], out: Out) -> int
                       console_socket=opts.get("--console-socket"))
             return 0
         return rt.run(cid, bundle, detach=bool(opts.get("--detach")), keep=bool(opts.get("--keep")),
-                      pid_file=opts.get("--pid-file"), preserve_fds=preserve,
+                      watch=bool(opts.get("--watch")), pid_file=opts.get("--pid-file"), preserve_fds=preserve,
                       console_socket=opts.get("--console-socket"))
     if verb == "list":
         _positional(verb, pos, 0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import _signal  # C modules: `signal` and `socket` import enum (~4 and ~7 ms)
 import _socket
+import _struct
 import os
 import stat
 
@@ -38,19 +39,41 @@ def sync_pair() -> tuple[Any, Any]:
     return parent, child
 
 
-def send(sock: Any, **msg: Any) -> None:
-    sock.send(_json.dumps(msg).encode())
+def send(sock: Any, fds: list[int] | None = None, **msg: Any) -> None:
+    """One JSON message; `fds` travel with it as SCM_RIGHTS (the receiver finds them in msg["fds"])."""
+    data = _json.dumps(msg).encode()
+    if fds:
+        # struct, not array: array imports collections.abc, which is gone once the init has pivoted
+        sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _struct.pack(f"{len(fds)}i", *fds))])
+    else:
+        sock.send(data)
 
 
-def recv(sock: Any, timeout: float | None = None) -> dict[str, Any]:
+MAX_FDS = 64
+
+
+def recv(sock: Any, timeout: float | None = None, what: str = "the container init") -> dict[str, Any]:
     sock.settimeout(timeout)
     try:
-        data = sock.recv(65536)
+        data, anc, flags, _ = sock.recvmsg(65536, _socket.CMSG_SPACE(4 * MAX_FDS), _socket.MSG_CMSG_CLOEXEC)
     except TimeoutError:
-        raise ChildError(f"the container init did not answer within {timeout:.0f} s") from None
+        raise ChildError(f"{what} did not answer within {timeout:.0f} s") from None
+    fds = []
+    for level, kind, payload in anc:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds.extend(_struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) - len(payload) % 4]))
+    if flags & _socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise ChildError(f"{what} sent more file descriptors than expected")
     if not data:
+        for fd in fds:
+            os.close(fd)
         raise EOFError
-    return _json.loads(data)
+    msg = _json.loads(data)
+    if fds:
+        msg["fds"] = fds
+    return msg
 
 
 def _run_helper(argv: list[str]) -> tuple[int, str]:
@@ -222,9 +245,12 @@ def _init(ctx: dict[str, Any], plan: dict[str, Any], sock: Any) -> None:
         with open("/proc/sys/kernel/domainname", "w") as f:
             f.write(plan["domainname"])
     gid_mapped = _mapped(ctx["gid_mappings"]) if ctx["new_userns"] else (lambda gid: True)
+    if ctx.get("gvm"):
+        _install_ca(ctx, sock)
     rootfs.setup(plan, ctx["lowers"], ctx["upper"], ctx["work"], ctx["merged"], ctx["new_userns"], gid_mapped)
     if ctx["new_netns"]:
         lsys.loopback_up()
+    listening = _sidecar_side(ctx) if ctx.get("gvm") else []
     # The parent opened the FIFO O_PATH (runc's _LIBCONTAINER_FIFOFD): a jail root mapped to another
     # host id could not even look up the 0700 state dir. The fd survives pivot_root.
     fifo = ctx["fifo_fd"]
@@ -260,7 +286,15 @@ def _init(ctx: dict[str, Any], plan: dict[str, Any], sock: Any) -> None:
                          "(setgroups is denied in a user namespace that maps one gid)")
     bpf = _b64(plan["seccomp"]) if plan["seccomp"] else None
 
-    send(sock, ready=True)
+    if listening:
+        # The listeners go to `create`, which hands them to the monitor; the jail keeps no copy,
+        # so when the monitor dies its ports are closed: fail closed (DESIGN.md §3).
+        send(sock, fds=[s.fileno() for _, _, s in listening], ready=True,
+             listeners=[[kind, port] for kind, port, _ in listening])
+        for _, _, s in listening:
+            s.close()
+    else:
+        send(sock, ready=True)
     if recv(sock).get("ack") is not True:
         os._exit(1)
     sock.close()
@@ -281,6 +315,29 @@ def _init(ctx: dict[str, Any], plan: dict[str, Any], sock: Any) -> None:
         _die(f"exec {proc['args'][0]}: {exc.strerror}")
     except BaseException as exc:  # noqa: BLE001 - the sync socket is gone: stderr is all we have
         _die(f"{type(exc).__name__}: {exc}")
+
+
+def _install_ca(ctx: dict[str, Any], sock: Any) -> None:
+    """The sidecar's CA (made by the monitor meanwhile) into the overlay's upper dir."""
+    ca_pem = recv(sock).get("ca")
+    if not ca_pem:
+        raise ChildError("gvm: no CA from the sidecar")
+    try:
+        rootfs.install_ca(ctx["lowers"][0], ctx["upper"], ca_pem.encode(), ctx["gvm"]["ca_path"])
+    except OSError as exc:
+        raise ChildError(f"gvm: cannot put the sidecar's CA in the container's trust store: {exc.strerror}"
+                         + (f": {exc.filename}" if exc.filename else "")) from exc
+
+
+def _sidecar_side(ctx: dict[str, Any]) -> list[Any]:
+    """The jail's end of the sidecar: local routes for every address, and the listeners."""
+    from gvmrt.linux import netns
+    gvm = ctx["gvm"]
+    try:
+        ipv6 = netns.add_local_routes()
+        return netns.listeners(gvm["capture"], gvm["proxy_port"], ipv6)
+    except OSError as exc:
+        raise ChildError(f"gvm: setting up the jail's network for the sidecar: {exc.strerror or exc}") from exc
 
 
 def _die(msg: str) -> None:

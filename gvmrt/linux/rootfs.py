@@ -254,3 +254,57 @@ def pivot(merged: str, readonly: bool) -> None:
     os.chdir("/")
     if readonly:
         _remount("/", lsys.MS_RDONLY, "read-only root")
+
+
+
+# Where distributions keep the system trust bundle; the CA is appended to each that exists.
+TRUST_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem",
+                 "/etc/ssl/ca-bundle.pem")
+MAX_BUNDLE = 16 << 20
+
+
+def install_ca(lower: str, upper: str, pem: bytes, ca_path: str) -> None:
+    """Put the sidecar's CA into the jail's trust, by writing the overlay's upper dir before it is
+    mounted: ``ca_path`` (what SSL_CERT_FILE and friends name) and, for each distribution trust
+    bundle the rootfs has, a copy with the CA appended (a copy-up done by hand).
+
+    Done from the upper side because the jail's root may not be allowed to write the rootfs's
+    /etc (a bundle unpacked by another user shows as nobody's in the jail); the upper dir is the
+    jail root's own and, at create, empty. Paths are resolved inside the lower rootfs, so its
+    symlinks cannot aim a write outside the upper dir; the bundle's rootfs is never written.
+    """
+    _write_upper(lower, upper, secure_join(lower, ca_path), pem)
+    for bundle in TRUST_BUNDLES:
+        path = secure_join(lower, bundle)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BUNDLE:
+            continue
+        with open(path, "rb") as f:
+            data = f.read(MAX_BUNDLE)
+        _write_upper(lower, upper, path, data + (b"" if data.endswith(b"\n") or not data else b"\n") + pem)
+
+
+def _write_upper(lower: str, upper: str, resolved: str, data: bytes) -> None:
+    rel = os.path.relpath(resolved, lower).split("/")
+    cur_l, cur_u = lower, upper
+    for comp in rel[:-1]:
+        cur_l, cur_u = os.path.join(cur_l, comp), os.path.join(cur_u, comp)
+        try:
+            mode = os.stat(cur_l).st_mode & 0o7777 if os.path.isdir(cur_l) else 0o755
+        except OSError:
+            mode = 0o755
+        try:
+            os.mkdir(cur_u, mode)
+            os.chmod(cur_u, mode)  # not the umask's
+        except FileExistsError:
+            pass
+    target = os.path.join(cur_u, rel[-1])
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, 0o644)
+    finally:
+        os.close(fd)

@@ -177,6 +177,56 @@ class Egress(_Strict):
     default: Decision = Field(default_factory=lambda: CAUTION)
     mode: Literal["enforce", "watch"] = "enforce"
     rules: list[Rule] = Field(default_factory=list)
+    # Hosts the sidecar may connect to although they resolve to loopback, private, link-local or
+    # metadata addresses (exact names; DESIGN.md §5: the sidecar must not become a path to host
+    # services unless the policy says so by name).
+    allow_private: list[str] = Field(default_factory=list)
+    # Static answers for the sidecar's own resolution (curl's --resolve, docker's --add-host):
+    # a name here is never looked up. Private addresses still need allow_private.
+    resolve: dict[str, list[str]] = Field(default_factory=dict)
+    # A PEM file of extra CAs, relative to the bundle directory, trusted for upstream TLS in
+    # addition to the host's store (private upstreams; the tests' loopback upstream).
+    upstream_ca: str | None = Field(None, min_length=1)
+
+    @field_validator("allow_private")
+    @classmethod
+    def _private_hosts(cls, hosts: list[str]) -> list[str]:
+        out = []
+        for i, h in enumerate(hosts):
+            if "*" in h:
+                raise _At((i,), f"{h!r}: name hosts exactly; a wildcard would open private addresses to a whole domain")
+            try:
+                out.append(canonical_host(h))
+            except BadHost as exc:
+                raise _At((i,), str(exc)) from exc
+        return out
+
+    @field_validator("resolve")
+    @classmethod
+    def _static(cls, table: dict[str, list[str]]) -> dict[str, list[str]]:
+        import ipaddress
+        out = {}
+        for name, addresses in table.items():
+            try:
+                host = canonical_host(name)
+            except BadHost as exc:
+                raise _At((name,), str(exc)) from exc
+            if not addresses:
+                raise _At((name,), "give at least one address")
+            for j, a in enumerate(addresses):
+                try:
+                    ipaddress.ip_address(a)
+                except ValueError:
+                    raise _At((name, j), f"{a!r} is not an IP address") from None
+            out[host] = list(addresses)
+        return out
+
+    @field_validator("upstream_ca")
+    @classmethod
+    def _ca_path(cls, path: str | None) -> str | None:
+        if path is not None and (path.startswith("/") or ".." in path.split("/")):
+            raise ValueError(f"{path!r}: give a path inside the bundle directory, relative to it (e.g. 'upstream-ca.pem')")
+        return path
 
     @field_validator("rules")
     @classmethod

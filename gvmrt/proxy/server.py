@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import socket
 import ssl
 import time
 from collections.abc import Collection
@@ -33,7 +34,7 @@ from urllib.parse import urlsplit
 
 from gvmrt.policy import BadHost, CompiledPolicy, Deny, Verdict, canonical_host
 from gvmrt.policy.matcher import MAX_JSON_BODY
-from gvmrt.proxy import h1
+from gvmrt.proxy import h1, sniff
 from gvmrt.proxy.audit import AuditError, AuditWriter
 from gvmrt.proxy.certs import CertificateAuthority, LeafCache
 from gvmrt.proxy.upstream import READ_SIZE, EventStream, Pool, Resolver, Upstream, UpstreamError
@@ -68,11 +69,13 @@ class _Exchange:
     bytes_out: int = 0             # request body bytes, agent -> upstream
     bytes_in: int | None = 0       # response body bytes, upstream -> agent (declared length when streamed)
     flagged: bool = False
+    container: str = ""
+    mode: str = "proxy"            # "proxy" (explicit), "transparent" (a captured port)
 
     def entry(self) -> dict[str, Any]:
         return {
             "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "request_id": self.request_id, "method": self.method, "host": self.host, "port": self.port,
+            "container": self.container, "mode": self.mode, "request_id": self.request_id, "method": self.method, "host": self.host, "port": self.port,
             "path": self.path, "rule": self.rule, "decision": self.decision, "reason": self.reason,
             "status": self.status, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "duration_ms": round((time.monotonic() - self.started) * 1000, 3), "flagged": self.flagged,
@@ -88,8 +91,9 @@ class Sidecar:
 
     def __init__(self, policy: CompiledPolicy, ca: CertificateAuthority, audit: AuditWriter, *,
                  upstream_cafile: str | None = None, allow_private: Collection[str] = frozenset(),
-                 resolve: Resolver | None = None, timeouts: Timeouts = Timeouts()) -> None:
+                 resolve: Resolver | None = None, timeouts: Timeouts = Timeouts(), container: str = "") -> None:
         self.policy = policy
+        self.container = container
         self.leaves = LeafCache(ca)
         self.audit = audit
         self.timeouts = timeouts
@@ -129,25 +133,121 @@ class Sidecar:
                 async with asyncio.timeout(1):
                     await writer.wait_closed()
 
+    async def captured(self, sock: socket.socket) -> None:
+        """Serve a connection the jail made to any address on a captured port (transparent mode).
+
+        The kernel delivered it here because of the jail's local routes; getsockname() is the
+        address the agent dialled. The first bytes (peeked, so TLS still sees them) say whether it
+        is TLS, decided and dialled by its SNI, or plain HTTP, decided and dialled by its Host
+        header; the dialled address is only recorded. Anything else is closed and recorded.
+        """
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        loop = asyncio.get_running_loop()
+        writer: asyncio.StreamWriter | None = None
+        try:
+            dst = sock.getsockname()
+            address, port = _unmapped(dst[0]), dst[1]
+            sock.setblocking(False)
+            try:
+                first = await self._peek(sock)
+            except (TimeoutError, ConnectionError):
+                return
+            if not first:
+                return
+            hello = sniff.classify(first)
+            reader = asyncio.StreamReader(limit=READ_SIZE)
+            protocol = asyncio.StreamReaderProtocol(reader)
+            if hello.tls:
+                host = None
+                if hello.sni is not None:
+                    try:
+                        host = _canon(hello.sni)
+                        ctx = self.leaves.context_for(host)
+                    except (BadHost, ValueError):
+                        hello = sniff.Hello(tls=True, problem=f"TLS SNI {hello.sni!r} is not a valid host name")
+                if hello.problem is not None or host is None:
+                    await self._refused(address, port, hello.problem or "no SNI")
+                    return
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: protocol, sock, ssl=ctx, ssl_handshake_timeout=self.timeouts.tls_handshake)
+                writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+                await self._serve(reader, writer, tunnel=(host, port), mode="transparent", address=address)
+            else:
+                transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
+                writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+                await self._serve(reader, writer, tunnel=None, origin_port=port, mode="transparent",
+                                  address=address)
+        except (_Close, ConnectionError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1):
+                        await writer.wait_closed()
+            else:
+                sock.close()
+
+    async def _peek(self, sock: socket.socket) -> bytes:
+        """The connection's first bytes, left in the socket (MSG_PEEK): a whole TLS record if it is TLS."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.timeouts.read):
+            want = 1
+            while True:
+                ready = loop.create_future()
+                loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(sock.fileno())
+                data = sock.recv(sniff.MAX_HELLO, socket.MSG_PEEK)
+                if not data:
+                    return b""
+                more = sniff.needed(data)
+                if not more or more > sniff.MAX_HELLO or len(data) >= more:
+                    return data
+                if len(data) == want:
+                    # The rest of the record is on its way; the socket stays readable with what
+                    # is already queued, so wait a little rather than spin.
+                    await asyncio.sleep(0.002)
+                want = len(data)
+
+    async def _refused(self, address: str, port: int, reason: str) -> None:
+        """Record a captured connection that was closed before any request (no SNI, not TLS/HTTP)."""
+        ex = _Exchange(secrets.token_hex(8), "-", address, port, "", container=self.container, mode="transparent")
+        ex.reason, ex.flagged = f"connection to {address}:{port} closed: {reason}", True
+        with contextlib.suppress(AuditError):
+            await asyncio.to_thread(self.audit.write, ex.entry(), sync=True)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     tunnel: tuple[str, int] | None) -> None:
+                     tunnel: tuple[str, int] | None, *, origin_port: int | None = None,
+                     mode: str = "proxy", address: str | None = None) -> None:
         client = EventStream(reader, h1.RequestParser())
+        served = 0
         while True:
             try:
                 event = await client.next(self.timeouts.client_idle)
             except h1.ProtocolError as exc:
+                if mode == "transparent" and address is not None and served == 0:
+                    await self._refused(address, tunnel[1] if tunnel else origin_port or 0,
+                                        f"not HTTP/1.1: {exc.reason}")
                 await self._error(writer, exc.status, exc.reason)
                 return
             if event is None:
                 return
             assert isinstance(event, h1.RequestHead), event
             if event.method == b"CONNECT":
-                if tunnel is not None:
-                    await self._error(writer, 400, "CONNECT inside a CONNECT tunnel")
+                if tunnel is not None or origin_port is not None:
+                    await self._error(writer, 400, "CONNECT is for the explicit proxy, not inside a tunnel "
+                                                   "or on a captured port")
                     return
                 await self._connect(client, reader, writer, event)
                 return
-            keep = await self._request(client, writer, event, tunnel)
+            served += 1
+            keep = await self._request(client, writer, event, tunnel, origin_port, mode)
             if not keep:
                 return
 
@@ -181,7 +281,8 @@ class Sidecar:
     # --- one request -----------------------------------------------------------------------
 
     async def _request(self, client: EventStream, writer: asyncio.StreamWriter, head: h1.RequestHead,
-                       tunnel: tuple[str, int] | None) -> bool:
+                       tunnel: tuple[str, int] | None, origin_port: int | None = None,
+                       mode: str = "proxy") -> bool:
         """Decide, answer or forward one request; True to keep the client connection."""
         method = head.method.decode("ascii")
         target = head.target.decode("latin-1")
@@ -194,9 +295,21 @@ class Sidecar:
             path = target
             if not target.startswith("/"):
                 problem = "absolute-form or asterisk-form target inside a CONNECT tunnel"
-            elif host_hdr and _host_port(host_hdr[0], 443) != (host, port):
+            elif host_hdr and _host_port(host_hdr[0], port) != (host, port):
                 problem = (f"Host header {host_hdr[0].decode('latin-1')!r} does not match the CONNECT "
                            f"target {host}:{port}")
+        elif origin_port is not None:
+            # Plain HTTP captured on a port: origin form, the name from Host, the port the agent dialled.
+            scheme, path, port = "http", target, origin_port
+            parsed = _host_port(host_hdr[0], origin_port) if len(host_hdr) == 1 else None
+            if parsed is None:
+                await self._error(writer, 400, "a request on a captured port needs exactly one valid Host header")
+                return False
+            host = parsed[0]
+            if not target.startswith("/"):
+                problem = "absolute-form or asterisk-form target on a captured port (use the proxy at HTTP_PROXY)"
+            elif parsed[1] != origin_port:
+                problem = f"Host header port {parsed[1]} does not match the port dialled ({origin_port})"
         else:
             url = urlsplit(target)
             scheme = url.scheme.lower()
@@ -212,7 +325,7 @@ class Sidecar:
             if url.username is not None or url.password is not None:
                 problem = "userinfo in the request target"
             path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        ex = _Exchange(request_id, method, host, port, path)
+        ex = _Exchange(request_id, method, host, port, path, container=self.container, mode=mode)
 
         # Read a small body before deciding, so JSON body rules can see it (bounded: MAX_JSON_BODY).
         prefix: list[h1.Event] = []
@@ -467,6 +580,11 @@ def _deny(reason: str) -> Deny:
 
 def _canon(host: str) -> str:
     return canonical_host(host)
+
+
+def _unmapped(address: str) -> str:
+    """::ffff:a.b.c.d (a dual-stack listener's view of an IPv4 peer) as a.b.c.d."""
+    return address[7:] if address.startswith("::ffff:") and "." in address else address
 
 
 def _host_port(value: bytes, default_port: int) -> tuple[str, int] | None:

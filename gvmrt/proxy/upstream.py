@@ -186,7 +186,7 @@ class Pool:
                 problem = address_problem(address)
                 if problem is not None:
                     raise UpstreamError(403, f"upstream {host} resolves to {address}: {problem}; refused "
-                                             f"(name it in the policy's private hosts to allow it)")
+                                             f"(add it to gvm.egress.allow_private to allow it)")
         tls = self.tls_context() if scheme == "https" else None
         last: Exception | None = None
         for address in addresses:

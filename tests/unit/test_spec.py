@@ -156,43 +156,66 @@ def test_json_types_are_strict() -> None:
             parse_config(raw_of(minimal(process=process)))
 
 
+NOT_GOVERNED = "egress is not governed: config.json has no gvm section"
+GOVERNED_NS = [{"type": "user"}, {"type": "pid"}, {"type": "mount"}, {"type": "network"}]
+
+
+def governed(**gvm: Any) -> dict[str, Any]:
+    return minimal(gvm=gvm, linux={"namespaces": GOVERNED_NS})
+
+
 def test_unknown_top_level_keys_are_allowed_but_near_misses_are_noticed() -> None:
     cfg = minimal(**{"org.example/anything": {"x": 1}, "mount": [], "windows": {}})
     plan, warnings = check(raw_of(cfg))
-    assert warnings == ["top-level property 'mount' is not one gvmrt reads and is ignored; did you mean 'mounts'?"]
+    assert [w for w in warnings if NOT_GOVERNED not in w] == [
+        "top-level property 'mount' is not one gvmrt reads and is ignored; did you mean 'mounts'?"]
     assert plan["mounts"] == []
 
 
-GVM_NOTICE = "the gvm section (egress, dns, credentials, ...) is not enforced by this gvmrt version"
-
-
 def test_gvm_egress_is_validated_and_stored_in_the_plan_as_json() -> None:
-    egress = {"rules": [{"id": "pypi", "hosts": ["PyPI.org."], "ports": [443], "methods": ["get"],
+    egress = {"rules": [{"id": "pypi", "hosts": ["PyPI.org."], "ports": [443, 8443], "methods": ["get"],
                          "decision": {"action": "allow"}},
-                        {"id": "block", "hosts": ["*"], "paths": ["/admin/**"],
+                        {"id": "block", "hosts": ["*"], "paths": ["/admin/**"], "ports": [3128],
                          "decision": {"action": "deny", "reason": "no admin"},
                          "expires": "2030-01-01T00:00:00Z"}]}
-    plan, warnings = check(raw_of(minimal(gvm={"egress": egress})))
-    assert any(GVM_NOTICE in w for w in warnings)
-    assert "gvm" not in plan
+    plan, warnings = check(raw_of(governed(egress=egress)))
+    assert warnings == []
     assert json.loads(json.dumps(plan)) == plan
+    gvm = plan["gvm"]
     # Canonical (host lowered, trailing dot dropped, method upper) and re-validates to the same model.
-    assert plan["egress"]["rules"][0]["hosts"] == ["pypi.org"]
-    assert plan["egress"]["rules"][0]["methods"] == ["GET"]
-    assert Egress.model_validate(plan["egress"]) == parse_config(raw_of(minimal(gvm={"egress": egress}))).gvm.egress
+    assert gvm["egress"]["rules"][0]["hosts"] == ["pypi.org"]
+    assert gvm["egress"]["rules"][0]["methods"] == ["GET"]
+    assert Egress.model_validate(gvm["egress"]) == parse_config(raw_of(governed(egress=egress))).gvm.egress
+    # 80 and 443 always; extra ports the rules name; never the explicit proxy's own port.
+    assert gvm["capture"] == [80, 443, 8443] and gvm["proxy_port"] == 3128
 
 
-def test_gvm_reserved_sections_are_accepted_but_not_in_the_plan() -> None:
-    plan, warnings = check(raw_of(minimal(gvm={"dns": {"anything": 1}, "credentials": {}, "filesystem": {},
-                                               "audit": {}})))
-    assert plan["egress"] is None
-    assert any(GVM_NOTICE in w for w in warnings)
+def test_governed_process_gets_proxy_and_trust_variables_that_replace_its_own() -> None:
+    cfg = governed()
+    cfg["process"]["env"] = ["HTTPS_PROXY=http://evil:1", "KEEP=1", "SSL_CERT_FILE=/mine.pem"]
+    plan, _ = check(raw_of(cfg))
+    env = dict(e.split("=", 1) for e in plan["process"]["env"])
+    assert env["KEEP"] == "1"
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        assert env[name] == "http://127.0.0.1:3128", name
+    assert env["NO_PROXY"] == env["no_proxy"]
+    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"):
+        assert env[name] == "/etc/gvmrt/ca.pem", name
+    assert len(plan["process"]["env"]) == len(env)  # no duplicates left behind
 
 
-def test_empty_or_absent_gvm_has_no_notice() -> None:
-    for cfg in (minimal(), minimal(gvm={})):
-        plan, warnings = check(raw_of(cfg))
-        assert warnings == [] and plan["egress"] is None
+def test_gvm_reserved_sections_are_accepted_and_noticed_as_not_enforced() -> None:
+    plan, warnings = check(raw_of(governed(dns={"anything": 1}, credentials={}, filesystem={}, audit={})))
+    assert plan["gvm"]["egress"] == {}
+    assert warnings == ["gvm.{audit,credentials,dns,filesystem} not enforced by this gvmrt version (egress is)"]
+
+
+def test_empty_gvm_is_governed_by_the_default_policy_and_absent_gvm_is_noticed() -> None:
+    plan, warnings = check(raw_of(governed()))
+    assert warnings == [] and plan["gvm"]["egress"] == {} and plan["gvm"]["capture"] == [80, 443]
+    plan, warnings = check(raw_of(minimal()))
+    assert plan["gvm"] is None and len(warnings) == 1 and NOT_GOVERNED in warnings[0]
+    assert not any("PROXY" in e for e in plan["process"]["env"])
 
 
 @pytest.mark.parametrize("gvm, pointer, message", [
@@ -214,7 +237,7 @@ def test_a_policy_that_does_not_compile_fails_with_the_rule_pointer(monkeypatch:
     egress = {"rules": [{"id": "ok", "hosts": ["a.com"], "paths": ["/fine"], "decision": {"action": "allow"}},
                         {"id": "bad", "hosts": ["a.com"], "paths": ["/broken"], "decision": {"action": "allow"}}]}
     with pytest.raises(ConfigError) as info:
-        check(raw_of(minimal(gvm={"egress": egress})))
+        check(raw_of(governed(egress=egress)))
     assert info.value.pointer == "/gvm/egress/rules/1"
     assert "does not compile" in info.value.message
 

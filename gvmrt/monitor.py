@@ -1,0 +1,157 @@
+"""The per-container monitor: the sidecar proxy in the host namespace, beside the container.
+
+`gvmrt create` forks it before the container init (DESIGN.md §3), so its imports and the CA
+overlap the jail's setup; it is never the container's parent, and when `create` exits it is
+re-parented to the caller's subreaper like the init. It lives until the init exits (watched
+through a pidfd) or `gvmrt delete` stops it.
+
+    create ──fork──► monitor: setsid, stdio to /dev/null and its log; CA → {"ca": pem}
+    create ◄── init: {"ready", listeners} + fds (SCM_RIGHTS)
+    create ──────► monitor: {"listeners", "init"} + the same fds; create closes its copies
+    monitor ─────► create: {"serving": true}
+
+The monitor holds the only copies of the jail's listening sockets, so if it dies the jail's
+ports 80, 443 and 3128 refuse connections: no network at all (fail closed).
+"""
+
+from __future__ import annotations
+
+import os
+
+from gvmrt.linux import process
+from gvmrt.linux import sys as lsys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+READY_TIMEOUT = 30
+
+
+def spawn(conf: dict[str, Any]) -> tuple[int, Any]:
+    """Fork the monitor; returns (pid, create's end of its socket). The child never returns.
+
+    conf: id, egress (the plan's JSON), watch, ca_dir, audit, log, upstream_ca (absolute or None).
+    """
+    parent, child = process.sync_pair()
+    pid = os.fork()
+    if pid:
+        child.close()
+        return pid, parent
+    code = 1
+    try:
+        parent.close()
+        os.setsid()  # not in the caller's process group: a ^C meant for `gvmrt run` is forwarded, not fatal
+        devnull = os.open("/dev/null", os.O_RDWR)
+        log = os.open(conf["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        os.dup2(log, 2)
+        # Nothing of the caller's lives on here: not its stdout (a `$(gvmrt create)` would wait
+        # for our EOF), not the container's lock file, not the sync socket of the init.
+        keep = child.fileno()
+        lsys.close_range(3, keep - 1)
+        lsys.close_range(keep + 1)
+        code = _main(conf, child)
+    except BaseException as exc:  # noqa: BLE001 - reported to create, or to the log
+        try:
+            process.send(child, error=f"sidecar: {type(exc).__name__}: {exc}")
+        except OSError:
+            pass
+        try:
+            os.write(2, f"gvmrt monitor {conf['id']}: {type(exc).__name__}: {exc}\n".encode())
+        except OSError:
+            pass
+    finally:
+        os._exit(code)
+
+
+def _main(conf: dict[str, Any], sock: Any) -> int:
+    import asyncio
+    import signal
+    import socket
+
+    from gvmrt.errors import GvmrtError
+    from gvmrt.policy.matcher import CompiledPolicy
+    from gvmrt.policy.model import parse_egress
+    from gvmrt.proxy.audit import AuditWriter
+    from gvmrt.proxy.certs import CertificateAuthority
+    from gvmrt.proxy.server import Sidecar
+
+    egress = parse_egress(conf["egress"])
+    if conf.get("watch"):
+        egress = egress.model_copy(update={"mode": "watch"})
+    policy = CompiledPolicy.compile(egress)
+    ca = CertificateAuthority.create(f"gvmrt {conf['id']}")
+    ca.save(conf["ca_dir"])
+    process.send(sock, ca=ca.cert_pem.decode())
+
+    try:
+        msg = process.recv(sock, timeout=None, what="gvmrt create")
+    except EOFError:
+        return 0  # create failed or died before the jail was ready: nothing to serve
+    if "listeners" not in msg:
+        return 0
+    fds = msg.get("fds", [])
+    listeners = [(kind, port, socket.socket(fileno=fd)) for (kind, port), fd in zip(msg["listeners"], fds)]
+    try:
+        pidfd = os.pidfd_open(msg["init"])
+    except OSError:
+        return 0  # the init is already gone
+
+    audit = AuditWriter(conf["audit"])
+    statics = {host: list(addrs) for host, addrs in egress.resolve.items()}
+
+    async def resolve(host: str, port: int) -> list[str]:
+        if host in statics:
+            return statics[host]
+        from gvmrt.proxy.upstream import default_resolve
+        return await default_resolve(host, port)
+
+    sidecar = Sidecar(policy, ca, audit, upstream_cafile=conf.get("upstream_ca"),
+                      allow_private=egress.allow_private, resolve=resolve, container=conf["id"])
+
+    async def accept_loop(listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:
+                os.write(2, f"gvmrt monitor: accept on {listener.getsockname()}: {exc}\n".encode())
+                await asyncio.sleep(0.1)
+                continue
+            asyncio.ensure_future(sidecar.captured(conn))
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_reader(pidfd, stop.set)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, stop.set)
+        servers = []
+        tasks = []
+        for kind, _port, listener in listeners:
+            if kind == "proxy":
+                servers.append(await asyncio.start_server(sidecar.handle, sock=listener, limit=64 * 1024))
+            else:
+                tasks.append(asyncio.ensure_future(accept_loop(listener)))
+        process.send(sock, serving=True)
+        sock.close()
+        await stop.wait()
+        for t in tasks:
+            t.cancel()
+        for srv in servers:
+            srv.close()
+        await sidecar.shutdown()
+
+    try:
+        asyncio.run(serve())
+    except GvmrtError as exc:
+        os.write(2, f"gvmrt monitor {conf['id']}: {exc}\n".encode())
+        return 1
+    finally:
+        audit.close()
+        for _, _, listener in listeners:
+            listener.close()
+    return 0
