@@ -154,9 +154,24 @@ def rootfs_cache(workdir: Path, test_user: pwd.struct_passwd) -> dict[str, Path]
             "rootless": build_rootfs(workdir / "rootfs-user", test_user)}
 
 
-def default_config(args: list[str], **overrides: Any) -> dict[str, Any]:
+@pytest.fixture(scope="session")
+def python_rootfs(workdir: Path, test_user: pwd.struct_passwd) -> dict[str, Path]:
+    """A rootfs with Debian's Python 3.11 (scripts/build-python-rootfs), one per owner."""
+    built = workdir / "python-rootfs-root"
+    subprocess.run([str(REPO / "scripts" / "build-python-rootfs"), str(built)], check=True)
+    user_copy = workdir / "python-rootfs-user"
+    subprocess.run(["cp", "-a", str(built), str(user_copy)], check=True)
+    subprocess.run(["chown", "-R", f"{test_user.pw_uid}:{test_user.pw_gid}", str(user_copy)], check=True)
+    return {"root": built, "rootless": user_copy}
+
+
+def default_config(args: list[str], governed: bool = False, **overrides: Any) -> dict[str, Any]:
+    """`gvmrt spec`'s config; without its gvm section unless `governed` (most tests are about the
+    jail, and a sidecar per container would double their time)."""
     out = subprocess.run([GVMRT, "spec", "--"] + args, check=True, capture_output=True, text=True).stdout
     cfg = json.loads(out)
+    if not governed:
+        del cfg["gvm"]
     for key, value in overrides.items():
         cfg[key] = value
     return cfg
@@ -170,12 +185,17 @@ class Bundles:
         self.n = 0
 
     def make(self, args: list[str] | None = None, config: dict[str, Any] | None = None, name: str | None = None,
-             edit: Any = None) -> Path:
+             edit: Any = None, shared_rootfs: Path | None = None) -> Path:
+        """A bundle dir; `shared_rootfs` is used in place (root.path absolute) instead of copied:
+        a rootfs is only ever an overlay lowerdir, so bundles may share one."""
         self.n += 1
         d = self.base / (name or f"b{self.n}")
         d.mkdir(parents=True)
-        subprocess.run(["cp", "-a", str(self.rootfs), str(d / "rootfs")], check=True)
+        if shared_rootfs is None:
+            subprocess.run(["cp", "-a", str(self.rootfs), str(d / "rootfs")], check=True)
         cfg = config if config is not None else default_config(args or ["true"])
+        if shared_rootfs is not None:
+            cfg["root"]["path"] = str(shared_rootfs)
         if edit:
             edit(cfg)
         (d / "config.json").write_text(json.dumps(cfg, indent=2))

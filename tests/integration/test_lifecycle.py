@@ -66,7 +66,10 @@ def test_run_returns_exit_status_and_removes_container(env: tuple[Gvmrt, Bundles
     gv, bundles = env
     b = bundles.make(["sh", "-c", "echo out; echo err >&2; exit 7"])
     res = gv("run", "--bundle", str(b), "r1")
-    assert (res.rc, res.out, res.err) == (7, "out\n", "err\n")
+    # A plain OCI bundle (no gvm section) runs as runc would, and create says it is not governed.
+    notice = f"gvmrt: note: egress is not governed: {b}/config.json has no gvm section"
+    assert (res.rc, res.out) == (7, "out\n")
+    assert res.err.startswith(notice) and res.err.endswith("\nerr\n") and res.err.count("\n") == 2, res.err
     assert gv.ok("list", "--quiet").out == ""
     assert not gv.container_dir("r1").exists()
 
