@@ -301,6 +301,7 @@ class Runtime:
                 os.mkdir(ca_dir, 0o700)
                 audit = self.root.audit_path(cid)
                 os.makedirs(os.path.dirname(audit), mode=0o700, exist_ok=True)
+                _set_aside(audit)
                 mon_pid, mon = monitor.spawn({
                     "id": cid, "egress": gvm["egress"], "watch": watch, "ca_dir": ca_dir, "audit": audit,
                     "log": os.path.join(sdir, "sidecar.log"), "upstream_ca": upstream_ca})
@@ -361,6 +362,9 @@ class Runtime:
             raise
         parent.close()
         lock.release()
+        if gvm is None:
+            from gvmrt.plan import NOT_GOVERNED
+            self.notify(NOT_GOVERNED.format(file=cfg_path))
         return oci_state(st, CREATED)
 
     def _handshake(self, sock: Any, mid: int, new_userns: bool, uid_maps: list[list[int]],
@@ -565,6 +569,24 @@ def _write_pid_file(path: str, pid: int) -> None:
         except OSError:
             pass
         raise HostError(f"--pid-file {path}: {exc.strerror}") from exc
+
+
+def _set_aside(audit: str) -> None:
+    """An earlier container of this id left its log: keep it, under the time of its last line,
+    so this container's log holds only this container's decisions."""
+    try:
+        mtime = os.stat(audit).st_mtime
+    except FileNotFoundError:
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(mtime))
+    base = audit[:-len(".jsonl")]
+    n = 0
+    while True:
+        dest = f"{base}.{stamp}{f'.{n}' if n else ''}.jsonl"
+        if not os.path.exists(dest):
+            os.rename(audit, dest)
+            return
+        n += 1
 
 
 def _recv_sidecar(mon: Any) -> dict[str, Any]:

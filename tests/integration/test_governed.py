@@ -636,3 +636,14 @@ def test_governed_bundle_refuses_the_host_network(env: tuple[Gvmrt, Bundles]) ->
     assert res.rc == 2 and res.err.count("\n") == 1
     assert "/linux/namespaces" in res.err and "own network namespace" in res.err
     assert gv.ok("list", "--quiet").out == ""
+
+
+def test_a_new_container_of_the_same_id_starts_a_new_log_and_keeps_the_old(rootless_agent: Any,
+                                                                          upstream: Upstream) -> None:
+    agent = rootless_agent([ALLOW_API])
+    code = f'emit(**proxied("GET", "https://api.test:{upstream.https_port}/n"))'
+    agent.run(code, cid="again")
+    agent.run(code, cid="again")
+    assert len(agent.audit("again")) == 1
+    logs = sorted(p.name for p in (agent.gv.data_root / "audit" / agent.gv.container_dir("again").parent.name).iterdir())
+    assert len(logs) == 2 and logs[-1] == "again.jsonl" and logs[0].startswith("again.2"), logs
