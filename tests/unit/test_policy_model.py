@@ -141,3 +141,36 @@ def test_absent_egress_is_none_and_empty_egress_is_the_caution_default() -> None
     egress = parse_config(config({})).gvm.egress
     assert egress == Egress()
     assert (egress.default.action, egress.default.ms, egress.mode) == ("delay", 300, "enforce")
+
+
+def test_every_example_in_spec_policy_md_validates() -> None:
+    """The JSON examples of spec/policy.md are fragments; each must be valid where it belongs."""
+    import json as _json
+    import re as _re
+    from pathlib import Path as _Path
+
+    from gvmrt.policy.model import Decision, Rule, parse_egress
+    from pydantic import TypeAdapter
+
+    text = (_Path(__file__).resolve().parents[2] / "spec" / "policy.md").read_text()
+    blocks = _re.findall(r"```json\n(.*?)```", text, _re.S)
+    assert len(blocks) >= 10
+    for block in blocks:
+        src = block.strip()
+        if src.startswith("{"):
+            Rule.model_validate(_json.loads(src))
+            continue
+        value = _json.loads("{" + src + "}")
+        (key, inner), = value.items()
+        if key == "gvm":
+            parse_egress(inner["egress"])
+        elif key == "egress":
+            parse_egress(inner)
+        elif key == "rules":
+            parse_egress({"rules": inner})
+        elif key == "hosts":
+            Rule.model_validate({"id": "x", "hosts": inner, "decision": {"action": "allow"}})
+        elif key == "decision":
+            TypeAdapter(Decision).validate_python(inner)
+        else:
+            raise AssertionError(f"an example of spec/policy.md this test does not know how to check: {src[:40]}")
