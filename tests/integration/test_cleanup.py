@@ -5,7 +5,9 @@ import os
 import signal
 import time
 
-from tests.conftest import Bundles, Gvmrt, mountinfo, user_processes
+import pytest
+
+from tests.conftest import Bundles, Gvmrt, default_config, mountinfo, user_processes
 
 
 def others(gv: Gvmrt) -> list[str]:
@@ -58,17 +60,22 @@ def test_delete_force_after_kill_9_of_the_container(env: tuple[Gvmrt, Bundles]) 
     assert not gv.container_dir("k9").exists() and not (gv.state_root / "k9").exists()
 
 
-def test_delete_force_after_create_was_killed_half_way(rootless: tuple[Gvmrt, Bundles]) -> None:
+@pytest.mark.parametrize("governed", [False, True], ids=["plain", "governed"])
+def test_delete_force_after_create_was_killed_half_way(rootless: tuple[Gvmrt, Bundles], governed: bool) -> None:
     """SIGKILL `gvmrt create` at many points of its life; delete --force must always clean up, and no
-    half-built container may survive (the init sees EOF on its sync socket and exits)."""
+    half-built container may survive (the init sees EOF on its sync socket and exits; a governed
+    container's monitor sees EOF before it serves, or the init's exit after)."""
     gv, bundles = rootless
     gv.ok("run", "--bundle", str(bundles.make(["true"])), "warm")
-    b = bundles.make(["sleep", "100"])
+    b = bundles.make(config=default_config(["sleep", "100"], governed=governed))
     gv.ok("create", "--bundle", str(b), "warm2")  # plan cache filled
     gv.ok("delete", "warm2")
     before = mountinfo()
     outcomes = set()
-    for i, delay in enumerate([0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.3]):
+    delays = [0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.3]
+    if governed:
+        delays += [0.06, 0.08, 0.09, 0.12, 0.2]   # the monitor's startup is the longer part
+    for i, delay in enumerate(delays):
         cid = f"half{i}"
         pid = gv.spawn("create", "--bundle", str(b), cid)
         time.sleep(delay)
