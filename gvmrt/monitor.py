@@ -78,6 +78,11 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
     from gvmrt.proxy.certs import CertificateAuthority
     from gvmrt.proxy.server import Sidecar
 
+    import resource
+    # Two sockets per proxied connection: take the whole hard limit we were given.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     egress = parse_egress(conf["egress"])
     if conf.get("watch"):
         egress = egress.model_copy(update={"mode": "watch"})

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 # Part of the cache key: bump it whenever validation or the plan's shape changes, so a plan cached
 # under older, laxer rules is never used (2: stricter JSON types, sysctl and bind-option checks;
 # 4: gvm is a validated model, the plan carries the compiled-checked egress policy, not raw gvm;
-# 5: "gvm" replaces "egress": the sidecar's listeners, CA path and the governed environment).
-PLAN_VERSION = 5
+# 5: "gvm" replaces "egress": the sidecar's listeners, CA path and the governed environment;
+# 6: the not-governed notice moved out of the plan's warnings).
+PLAN_VERSION = 6
 
 # runc's libcontainer/specconv mountFlags table: option → (clear?, flag).
 MOUNT_FLAGS: dict[str, tuple[bool, int]] = {
@@ -209,15 +210,15 @@ def compile_config(cfg: Any, warnings: list[str]) -> dict[str, Any]:
 PROXY_PORT = 3128
 CAPTURED_PORTS = (80, 443)
 CA_PATH = "/etc/gvmrt/ca.pem"
+NOT_GOVERNED = ("egress is not governed: {file} has no gvm section, so no sidecar runs "
+                "(add \"gvm\": {{}} for the default caution policy; `gvmrt spec` writes one)")
 
 
 def _gvm(cfg: Any, ns_types: list[str], warnings: list[str]) -> dict[str, Any] | None:
     """The governed part of the plan, or None (and a notice) for a plain OCI bundle."""
     from gvmrt.errors import ConfigError
     if cfg.gvm is None:
-        warnings.append("egress is not governed: config.json has no gvm section, so the sidecar does not run "
-                        "(add \"gvm\": {} for the default caution policy; `gvmrt spec` writes one)")
-        return None
+        return None  # gvmrt.runtime says so once the container exists (NOT_GOVERNED)
     # A governed jail gets a network namespace of its own, always: in the host's (or a shared
     # one) the agent would reach the network directly and the sidecar would govern nothing.
     if "network" not in ns_types:

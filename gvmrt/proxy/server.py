@@ -171,8 +171,12 @@ class Sidecar:
                 if hello.problem is not None or host is None:
                     await self._refused(address, port, hello.problem or "no SNI")
                     return
-                transport, _ = await loop.connect_accepted_socket(
-                    lambda: protocol, sock, ssl=ctx, ssl_handshake_timeout=self.timeouts.tls_handshake)
+                try:
+                    transport, _ = await loop.connect_accepted_socket(
+                        lambda: protocol, sock, ssl=ctx, ssl_handshake_timeout=self.timeouts.tls_handshake)
+                except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
+                    await self._refused(address, port, f"TLS handshake for {host} failed: {_why(exc)}")
+                    return
                 writer = asyncio.StreamWriter(transport, protocol, reader, loop)
                 await self._serve(reader, writer, tunnel=(host, port), mode="transparent", address=address)
             else:
@@ -215,9 +219,9 @@ class Sidecar:
                     await asyncio.sleep(0.002)
                 want = len(data)
 
-    async def _refused(self, address: str, port: int, reason: str) -> None:
-        """Record a captured connection that was closed before any request (no SNI, not TLS/HTTP)."""
-        ex = _Exchange(secrets.token_hex(8), "-", address, port, "", container=self.container, mode="transparent")
+    async def _refused(self, address: str, port: int, reason: str, mode: str = "transparent") -> None:
+        """Record a connection that was closed before any request (no SNI, not TLS/HTTP, a failed handshake)."""
+        ex = _Exchange(secrets.token_hex(8), "-", address, port, "", container=self.container, mode=mode)
         ex.reason, ex.flagged = f"connection to {address}:{port} closed: {reason}", True
         with contextlib.suppress(AuditError):
             await asyncio.to_thread(self.audit.write, ex.entry(), sync=True)
@@ -275,7 +279,13 @@ class Sidecar:
         # names another host then fails its own verification (fail safe), and a client without SNI
         # still gets the right certificate (issue 3: "the CONNECT authority is the host").
         ctx = self.leaves.context_for(host[1:-1] if host.startswith("[") else host)
-        await writer.start_tls(ctx, ssl_handshake_timeout=self.timeouts.tls_handshake)
+        try:
+            await writer.start_tls(ctx, ssl_handshake_timeout=self.timeouts.tls_handshake)
+        except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
+            # Typically a client that does not trust the sidecar's CA: it sent nothing, but an
+            # agent trying to get around the MITM is worth a line.
+            await self._refused(host, int(port_s), f"TLS handshake failed: {_why(exc)}", mode="proxy")
+            raise _Close() from None
         await self._serve(reader, writer, tunnel=(host, int(port_s)))
 
     # --- one request -----------------------------------------------------------------------
@@ -580,6 +590,12 @@ def _deny(reason: str) -> Deny:
 
 def _canon(host: str) -> str:
     return canonical_host(host)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return f"{type(exc).__name__} {exc}".strip()
 
 
 def _unmapped(address: str) -> str:

@@ -489,6 +489,9 @@ emit(what="loopback", **direct("127.0.0.1", {upstream.http_port}, tls=False, pat
     for o in out:
         assert o["status"] is None, o   # every attempt failed outright
     assert not any("admin" in path for _, path, _ in upstream.seen[before:])
+    # The attempts to get around the MITM are on record.
+    failed = [e for e in agent.audit(f"a{agent.n}") if "TLS handshake" in e["reason"]]
+    assert len(failed) == 2 and all(e["host"] == "203.0.113.9" and e["flagged"] for e in failed), failed
 
 
 # --- fail closed -----------------------------------------------------------------------------
