@@ -67,29 +67,26 @@ def spawn(conf: dict[str, Any]) -> tuple[int, Any]:
 
 
 def _main(conf: dict[str, Any], sock: Any) -> int:
-    import asyncio
-    import signal
-    import socket
-
-    from gvmrt.errors import GvmrtError
-    from gvmrt.policy.matcher import CompiledPolicy
-    from gvmrt.policy.model import parse_egress
-    from gvmrt.proxy.audit import AuditWriter
+    # In the order the jail needs things: the init waits for the CA, so cryptography first; the
+    # rest is imported while the init sets up, and asyncio only once `create` has been answered
+    # (the listeners queue connections meanwhile).
     from gvmrt.proxy.certs import CertificateAuthority
-    from gvmrt.proxy.server import Sidecar
+    ca = CertificateAuthority.create(f"gvmrt {conf['id']}")
+    ca.save(conf["ca_dir"])
+    process.send(sock, ca=ca.cert_pem.decode())
 
     import resource
+    import socket
+
+    from gvmrt.policy.matcher import CompiledPolicy
+    from gvmrt.proxy.audit import AuditWriter
     # Two sockets per proxied connection: take the whole hard limit we were given.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    egress = parse_egress(conf["egress"])
-    if conf.get("watch"):
-        egress = egress.model_copy(update={"mode": "watch"})
-    policy = CompiledPolicy.compile(egress)
-    ca = CertificateAuthority.create(f"gvmrt {conf['id']}")
-    ca.save(conf["ca_dir"])
-    process.send(sock, ca=ca.cert_pem.decode())
+    # The plan's policy was validated by `create` (gvmrt.plan): compiled from its JSON, no pydantic.
+    egress = conf["egress"]
+    policy = CompiledPolicy.from_json(egress, watch=True if conf.get("watch") else None)
 
     try:
         msg = process.recv(sock, timeout=None, what="gvmrt create")
@@ -103,9 +100,18 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
         pidfd = os.pidfd_open(msg["init"])
     except OSError:
         return 0  # the init is already gone
-
+    # Everything that can fail for a reason the user should hear from `create` is done by now.
     audit = AuditWriter(conf["audit"])
-    statics = {host: list(addrs) for host, addrs in egress.resolve.items()}
+    process.send(sock, serving=True)
+    sock.close()
+
+    import asyncio
+    import signal
+
+    from gvmrt.errors import GvmrtError
+    from gvmrt.proxy.server import Sidecar
+
+    statics = {host: list(addrs) for host, addrs in (egress.get("resolve") or {}).items()}
 
     async def resolve(host: str, port: int) -> list[str]:
         if host in statics:
@@ -114,7 +120,7 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
         return await default_resolve(host, port)
 
     sidecar = Sidecar(policy, ca, audit, upstream_cafile=conf.get("upstream_ca"),
-                      allow_private=egress.allow_private, resolve=resolve, container=conf["id"])
+                      allow_private=egress.get("allow_private") or (), resolve=resolve, container=conf["id"])
 
     async def accept_loop(listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -141,8 +147,6 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
                 servers.append(await asyncio.start_server(sidecar.handle, sock=listener, limit=64 * 1024))
             else:
                 tasks.append(asyncio.ensure_future(accept_loop(listener)))
-        process.send(sock, serving=True)
-        sock.close()
         await stop.wait()
         for t in tasks:
             t.cancel()

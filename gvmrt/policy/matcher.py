@@ -1,7 +1,9 @@
 """Compiled egress policy: one decision per request, found by host index, not by scanning rules.
 
-`CompiledPolicy.compile(egress)` turns the validated model into tables once (per reload); `decide`
-takes the request's values and returns a `Verdict`. No I/O, no clock unless rules expire (and then
+`CompiledPolicy.compile(egress)` turns the validated model into tables once (per reload), and
+`CompiledPolicy.from_json(data)` does the same from the validated policy's JSON without importing
+pydantic (the sidecar's way: gvmrt.policy.decision); `decide` takes the request's values and
+returns a `Verdict`. No I/O, no clock unless rules expire (and then
 `now` can be passed in), so the proxy can call it on the hot path and tests can call it bare.
 
 Lookup (DESIGN.md §6, issue 3 target: median ≤ 20 µs with 10,000 rules): rules are indexed by
@@ -23,7 +25,11 @@ from datetime import datetime
 from typing import Any
 
 from gvmrt.policy.canon import BadHost, UnsafePath, canonical_host, canonical_paths, parse_query
-from gvmrt.policy.model import Allow, Decision, Deny, Egress, Rule, severity
+from gvmrt.policy.decision import ALLOW, CAUTION_JSON, UNINSPECTABLE_JSON, Decision, severity
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from gvmrt.policy.model import Egress
 
 __all__ = ["CompiledPolicy", "Verdict", "glob_to_regex", "MAX_JSON_BODY"]
 
@@ -75,29 +81,32 @@ def glob_to_regex(glob: str) -> str:
 class _Compiled:
     """One rule with its matchers prepared; ``match`` is the hot path."""
 
-    __slots__ = ("order", "rule", "id", "methods", "ports", "path_match", "query", "permissive",
+    __slots__ = ("order", "hosts", "id", "methods", "ports", "path_match", "query", "permissive",
                  "json_fields", "expires_ts", "decision", "on_uninspectable")
 
-    def __init__(self, order: int, rule: Rule) -> None:
+    def __init__(self, order: int, rule: dict[str, Any]) -> None:
+        """`rule`: one validated rule as JSON (canonical hosts, upper-case methods)."""
         self.order = order
-        self.rule = rule
-        self.id = rule.id
-        self.methods = frozenset(rule.methods) if rule.methods else None
-        self.ports = frozenset(rule.ports) if rule.ports else None
-        if rule.paths is not None:
-            self.path_match = re.compile("|".join(f"(?:{glob_to_regex(g)})" for g in rule.paths)).fullmatch
-        elif rule.path_regex is not None:
-            self.path_match = re.compile(rule.path_regex).fullmatch
+        self.hosts: list[str] = rule["hosts"]
+        self.id: str = rule["id"]
+        self.methods = frozenset(rule["methods"]) if rule.get("methods") else None
+        self.ports = frozenset(rule["ports"]) if rule.get("ports") else None
+        if rule.get("paths") is not None:
+            self.path_match = re.compile("|".join(f"(?:{glob_to_regex(g)})" for g in rule["paths"])).fullmatch
+        elif rule.get("path_regex") is not None:
+            self.path_match = re.compile(rule["path_regex"]).fullmatch
         else:
             self.path_match = None
-        self.query = tuple(rule.query.items()) if rule.query else None
+        self.query = tuple(rule["query"].items()) if rule.get("query") else None
+        self.decision = Decision.from_json(rule["decision"])
         # A permissive rule (allow, audit_only) must not be satisfied by one of several values of a
         # repeated key: upstreams differ on which occurrence wins (HTTP parameter pollution).
-        self.permissive = rule.decision.action in ("allow", "audit_only")
-        self.json_fields = tuple((_split_pointer(p), v) for p, v in rule.json_.items()) if rule.json_ else None
-        self.expires_ts = rule.expires.timestamp() if rule.expires else None
-        self.decision = rule.decision
-        self.on_uninspectable = rule.on_uninspectable
+        self.permissive = self.decision.action in ("allow", "audit_only")
+        fields = rule.get("json")
+        self.json_fields = tuple((_split_pointer(p), v) for p, v in fields.items()) if fields else None
+        expires = rule.get("expires")
+        self.expires_ts = datetime.fromisoformat(expires).timestamp() if expires else None
+        self.on_uninspectable = Decision.from_json(rule.get("on_uninspectable") or UNINSPECTABLE_JSON)
 
     def match_head(self, method: str, port: int, path: str, query: dict[str, list[str]] | None) -> bool:
         if self.methods is not None and method not in self.methods:
@@ -228,11 +237,10 @@ class _Request:
 class CompiledPolicy:
     """An immutable, indexed policy. Reload builds a new one and swaps the reference (atomic)."""
 
-    def __init__(self, egress: Egress, compiled: list[_Compiled], exact: dict[str, list[_Compiled]],
+    def __init__(self, watch: bool, default: Decision, compiled: list[_Compiled], exact: dict[str, list[_Compiled]],
                  suffix: dict[str, list[_Compiled]], anyhost: list[_Compiled]) -> None:
-        self.egress = egress
-        self.watch = egress.mode == "watch"
-        self.default = egress.default
+        self.watch = watch
+        self.default = default
         self._rules = compiled
         self._exact = exact
         self._suffix = suffix
@@ -242,20 +250,30 @@ class CompiledPolicy:
 
     @classmethod
     def compile(cls, egress: Egress) -> CompiledPolicy:
-        compiled = [_Compiled(i, r) for i, r in enumerate(egress.rules)]
+        """From the validated model."""
+        return cls.from_json(egress.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], *, watch: bool | None = None) -> CompiledPolicy:
+        """From a validated policy's JSON (`Egress.model_dump(mode="json", by_alias=True)`, with or
+        without unset defaults: the plan keeps only what was set). Not a validator: give it only
+        what `gvmrt.policy.model` accepted. `watch` overrides the policy's mode (`run --watch`)."""
+        compiled = [_Compiled(i, r) for i, r in enumerate(data.get("rules") or ())]
         exact: dict[str, list[_Compiled]] = {}
         suffix: dict[str, list[_Compiled]] = {}
         anyhost: list[_Compiled] = []
         for c in compiled:
             # A rule that lists the same host twice must not appear twice among the candidates.
-            for h in dict.fromkeys(c.rule.hosts):
+            for h in dict.fromkeys(c.hosts):
                 if h == "*":
                     anyhost.append(c)
                 elif h.startswith("*."):
                     suffix.setdefault(h[2:], []).append(c)
                 else:
                     exact.setdefault(h, []).append(c)
-        return cls(egress, compiled, exact, suffix, anyhost)
+        if watch is None:
+            watch = data.get("mode") == "watch"
+        return cls(watch, Decision.from_json(data.get("default") or CAUTION_JSON), compiled, exact, suffix, anyhost)
 
     def candidates(self, host: str) -> tuple[_Compiled, ...]:
         """Rules that can match canonical ``host``, in rule order."""
@@ -290,12 +308,12 @@ class CompiledPolicy:
         try:
             host_c = canonical_host(host)
         except BadHost as exc:
-            return Verdict(None, Deny(action="deny", reason=str(exc)), True, f"refused: {exc}")
+            return Verdict(None, Decision("deny", reason=str(exc)), True, f"refused: {exc}")
         try:
             forms = canonical_paths(target)
         except UnsafePath as exc:
             # Deny even in watch mode: no upstream handles such a path the way the policy would read it.
-            return Verdict(None, Deny(action="deny", reason=f"unsafe request path: {exc}"), True,
+            return Verdict(None, Decision("deny", reason=f"unsafe request path: {exc}"), True,
                            f"refused: unsafe request path: {exc}")
         method = method.upper()
         cands = self.candidates(host_c)
@@ -319,7 +337,7 @@ class CompiledPolicy:
             if decision.action == "deny":
                 reason += f": {decision.reason}"
         if self.watch:
-            return Verdict(rule.id if rule else None, Allow(action="allow"), flagged,
+            return Verdict(rule.id if rule else None, ALLOW, flagged,
                            f"watch mode, would be {decision.action}: {reason}", would=decision)
         return Verdict(rule.id if rule else None, decision, flagged, reason)
 
@@ -346,7 +364,7 @@ class CompiledPolicy:
         for path in forms:
             found: tuple[str | None, Any] = (None, self.default)
             for c in self._rules:
-                if any(_host_matches(h, host_c) for h in c.rule.hosts) and \
+                if any(_host_matches(h, host_c) for h in c.hosts) and \
                         c.match_head(method.upper(), port, path, req.query() if c.query is not None else None):
                     found = (c.id, c.decision)
                     break

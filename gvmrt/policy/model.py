@@ -16,6 +16,8 @@ from pydantic import AwareDatetime, ConfigDict, Field, ValidationError, field_va
 
 from gvmrt.errors import ConfigError
 from gvmrt.policy.canon import BadHost, canonical_host
+from gvmrt.policy.decision import CAUTION_JSON, UNINSPECTABLE_JSON
+from gvmrt.policy.decision import severity as _severity
 from gvmrt.validation import At as _At
 from gvmrt.validation import Strict as _Strict
 from gvmrt.validation import errors_of
@@ -55,19 +57,13 @@ class Deny(_Strict):
 
 Decision = Annotated[Union[Allow, AuditOnly, Delay, RequireApproval, Deny], Field(discriminator="action")]
 
-# Most restrictive last. When several forms of one request (raw and canonical paths) reach
-# different rules, the matcher keeps the highest (DESIGN.md §6: encoding never turns Deny into Allow).
-_SEVERITY = {"allow": 0, "audit_only": 1, "delay": 2, "require_approval": 3, "deny": 4}
-
-
 def severity(decision: Allow | AuditOnly | Delay | RequireApproval | Deny) -> tuple[int, int]:
-    """Sort key: higher is more restrictive; a longer delay or approval wait is more restrictive."""
-    extra = getattr(decision, "ms", None) or getattr(decision, "timeout_s", None) or 0
-    return _SEVERITY[decision.action], extra
+    """Sort key: higher is more restrictive (gvmrt.policy.decision.severity, for models)."""
+    return _severity(decision)
 
 
 # Out of the box, an unmatched request is slowed a little and flagged in the audit log.
-CAUTION = Delay(action="delay", ms=300)
+CAUTION = Delay(**CAUTION_JSON)
 
 # --- rules ---------------------------------------------------------------------------------------
 
@@ -95,8 +91,7 @@ class Rule(_Strict):
     path_regex: str | None = None
     query: dict[str, str] | None = None
     json_: dict[str, Any] | None = Field(None, alias="json")
-    on_uninspectable: Decision = Field(
-        default_factory=lambda: Deny(action="deny", reason="the request body could not be inspected"))
+    on_uninspectable: Decision = Field(default_factory=lambda: Deny(**UNINSPECTABLE_JSON))
     decision: Decision
     # strict=False: JSON has no datetime type, so an RFC 3339 string must be parsed; naive times
     # are refused (AwareDatetime) because "expires at 18:00" on which clock is a policy bug.

@@ -32,8 +32,9 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
-from gvmrt.policy import BadHost, CompiledPolicy, Deny, Verdict, canonical_host
-from gvmrt.policy.matcher import MAX_JSON_BODY
+from gvmrt.policy.canon import BadHost, canonical_host
+from gvmrt.policy.decision import Decision
+from gvmrt.policy.matcher import MAX_JSON_BODY, CompiledPolicy, Verdict
 from gvmrt.proxy import h1, sniff
 from gvmrt.proxy.audit import AuditError, AuditWriter
 from gvmrt.proxy.certs import CertificateAuthority, LeafCache
@@ -584,8 +585,8 @@ _REASONS = {400: "Bad Request", 403: "Forbidden", 431: "Request Header Fields To
             501: "Not Implemented", 502: "Bad Gateway", 505: "HTTP Version Not Supported"}
 
 
-def _deny(reason: str) -> Deny:
-    return Deny(action="deny", reason=reason)
+def _deny(reason: str) -> Decision:
+    return Decision("deny", reason=reason)
 
 
 def _canon(host: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gvmrt.errors import ConfigError
-from gvmrt.policy import CAUTION, Allow, CompiledPolicy, Delay, Deny, Egress, parse_egress
+from gvmrt.policy import CAUTION, CompiledPolicy, Decision, Delay, Egress, parse_egress
 from gvmrt.policy.matcher import MAX_JSON_BODY, glob_to_regex
 
 ALLOW = {"action": "allow"}
@@ -287,7 +287,7 @@ def test_expiry() -> None:
 
 def test_default_is_caution_and_flagged() -> None:
     v = policy(rule("a", hosts=["a.com"])).decide("GET", "b.com", 443, "/x")
-    assert v.rule_id is None and v.decision == Delay(action="delay", ms=300) and v.flagged
+    assert v.rule_id is None and v.decision == Decision("delay", ms=300) and v.flagged
     assert "no rule matches GET b.com:443" in v.reason
     v = policy(rule("a", hosts=["a.com"])).decide("GET", "a.com", 443, "/x")
     assert not v.flagged
@@ -295,16 +295,16 @@ def test_default_is_caution_and_flagged() -> None:
 
 def test_custom_default() -> None:
     v = policy(default=deny("unknown destination")).decide("GET", "b.com", 443, "/")
-    assert v.decision == Deny(action="deny", reason="unknown destination") and v.flagged
+    assert v.decision == Decision("deny", reason="unknown destination") and v.flagged
 
 
 def test_watch_mode_allows_and_reports() -> None:
     p = policy(rule("d", deny("nope"), paths=["/admin*"]), mode="watch")
     v = p.decide("GET", "api.example.com", 443, "/a/../admin")
-    assert (v.rule_id, v.decision, v.would) == ("d", Allow(action="allow"), Deny(action="deny", reason="nope"))
+    assert (v.rule_id, v.decision, v.would) == ("d", Decision("allow"), Decision("deny", reason="nope"))
     assert "would be deny" in v.reason and not v.flagged
     v = p.decide("GET", "elsewhere.com", 443, "/")
-    assert (v.rule_id, v.decision.action, v.would, v.flagged) == (None, "allow", CAUTION, True)
+    assert (v.rule_id, v.decision.action, v.would, v.flagged) == (None, "allow", Decision("delay", ms=300), True)
 
 
 def test_deny_reason_names_rule() -> None:
@@ -325,3 +325,31 @@ def test_index_lookup_does_not_scan() -> None:
     assert action(p, host="h1999.example.net") == ("r1999", "allow")
     assert action(p, host="zzz.example.net") == ("wild", "deny")
     assert p.linear_decide("GET", "zzz.example.net", 443, "/")[0] == "wild"
+
+
+# --- the sidecar's path: compiled from the plan's JSON, without pydantic --------------------------
+
+def test_plain_decisions_cover_every_field_and_default_of_the_models() -> None:
+    from typing import get_args
+
+    from gvmrt.policy import decision, model
+    plain = set(Decision.__dataclass_fields__)
+    for kind in get_args(get_args(model.Decision)[0]):
+        assert set(kind.model_fields) <= plain, kind
+    assert Decision.from_json(CAUTION.model_dump()) == Decision("delay", ms=300)
+    assert model.Rule.model_fields["on_uninspectable"].default_factory().model_dump() == decision.UNINSPECTABLE_JSON
+
+
+@pytest.mark.parametrize("fixture", ["policy.json", "policy-watch.json"])
+def test_from_plan_json_decides_as_the_model_does(fixture: str) -> None:
+    import json as _json
+    from pathlib import Path as _Path
+    cfg = _json.loads((_Path(__file__).resolve().parents[2] / "spec/schema/test/good" / fixture).read_text())
+    egress = parse_egress(cfg["gvm"]["egress"])
+    plan_json = egress.model_dump(mode="json", by_alias=True, exclude_unset=True)   # what gvmrt.plan keeps
+    a, b = CompiledPolicy.compile(egress), CompiledPolicy.from_json(plan_json)
+    requests = [(m, h, port, t) for m in ("GET", "POST", "DELETE") for h in ("api.openai.com", "pypi.org",
+                "files.pythonhosted.org", "evil.example", "api.github.com") for port in (443, 80)
+                for t in ("/", "/v1/chat/completions", "/simple/x/", "/admin", "/a/%2e%2e/admin", "/?q=1")]
+    for req in requests:
+        assert a.decide(*req, now=0) == b.decide(*req, now=0), req
