@@ -68,6 +68,19 @@ def proxy(
     cfg = parse_config(raw, cfg_path)
     egress = cfg.gvm.egress if cfg.gvm and cfg.gvm.egress else Egress()
     policy = CompiledPolicy.compile(egress)
+    # The bundle's own upstream settings, as in a jail; the flags add to them.
+    if upstream_ca is None and egress.upstream_ca:
+        upstream_ca = os.path.join(bundle, egress.upstream_ca)
+        if not os.path.isfile(upstream_ca):
+            raise UsageError(f"{cfg_path}: /gvm/egress/upstream_ca: {upstream_ca}: no such file in the bundle")
+    allow_private = list(egress.allow_private) + list(allow_private)
+    statics = dict(egress.resolve)
+
+    async def resolve(host: str, port: int) -> list[str]:
+        if host in statics:
+            return statics[host]
+        from gvmrt.proxy.upstream import default_resolve
+        return await default_resolve(host, port)
 
     state = StateRoot(None)
     state.ensure()
@@ -84,7 +97,8 @@ def proxy(
         async def main() -> None:
             ready = asyncio.Event()
             task = asyncio.ensure_future(serve((host, port), policy, ca, writer, upstream_cafile=upstream_ca,
-                                               allow_private=set(allow_private), ready=ready, bound=bound))
+                                               allow_private=set(allow_private), ready=ready, bound=bound,
+                                               resolve=resolve))
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, task.cancel)

@@ -77,3 +77,36 @@ def test_gvmrt_proxy_bad_input(tmp_path: Path) -> None:
     res = subprocess.run([GVMRT, "proxy", "--bundle", str(tmp_path)], capture_output=True, text=True)
     assert res.returncode == 2 and "config.json" in res.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_gvmrt_proxy_uses_the_bundles_resolve_and_allow_private(tmp_path: Path) -> None:
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    uport = upstream.server_address[1]
+    bundle = tmp_path / "agent"
+    bundle.mkdir()
+    cfg = json.loads(subprocess.run([GVMRT, "spec"], check=True, capture_output=True, text=True).stdout)
+    cfg["gvm"] = {"egress": {"rules": [{"id": "api", "hosts": ["api.local.test"], "decision": {"action": "allow"}}],
+                             "resolve": {"api.local.test": ["127.0.0.1"], "pinned.test": ["127.0.0.1"]},
+                             "allow_private": ["api.local.test"]}}
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    proc = subprocess.Popen([GVMRT, "proxy", "--listen", "127.0.0.1:0", "--bundle", str(bundle), "--audit",
+                             str(tmp_path / "a.jsonl")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().split()[4].rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", f"http://api.local.test:{uport}/v1/items")
+        ok = conn.getresponse()
+        assert (ok.status, ok.read()) == (200, b"upstream saw /v1/items")
+        # Pinned to loopback but not named in allow_private: the guard still refuses it.
+        conn.request("GET", f"http://pinned.test:{uport}/v1/items")
+        refused = conn.getresponse()
+        assert refused.status == 403 and "allow_private" in json.loads(refused.read())["reason"]
+        conn.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+        upstream.shutdown()
+        upstream.server_close()
+    assert proc.returncode == 0
