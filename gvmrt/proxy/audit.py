@@ -19,6 +19,8 @@ from gvmrt.errors import GvmrtError
 
 __all__ = ["AuditError", "AuditWriter"]
 
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
 
 class AuditError(GvmrtError):
     """The audit line could not be written (or synced)."""
@@ -39,8 +41,9 @@ class AuditWriter:
             raise AuditError(f"audit log {self.path}: cannot open: {exc.strerror}") from exc
 
     def write(self, entry: dict[str, Any], *, sync: bool = False) -> None:
-        # Keys in the order the writer gives them (deterministic; sorting cost ~5 % of a request).
-        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+        # Keys in the order the writer gives them (deterministic); one encoder for all lines, as
+        # json.dumps with arguments builds a new one per call (~5 % of a proxied request).
+        line = (_ENCODE(entry) + "\n").encode()
         try:
             written = os.write(self._fd, line)
             if written != len(line):

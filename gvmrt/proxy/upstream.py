@@ -100,8 +100,13 @@ class EventStream:
         while not self.pending:
             if self.eof:
                 return None
-            async with asyncio.timeout(timeout):
+            if getattr(self.reader, "_buffer", None) or self.reader.at_eof():
+                # Already arrived (usual under load): read() returns at once, so the timeout
+                # context (a timer, and a getpid(2) per current_task lookup) would be pure cost.
                 data = await self.reader.read(READ_SIZE)
+            else:
+                async with asyncio.timeout(timeout):
+                    data = await self.reader.read(READ_SIZE)
             if data:
                 self.received += len(data)
                 self.pending = self.parser.feed(data)
