@@ -594,9 +594,15 @@ def test_state_cleanup_and_processes_of_a_governed_container(agent_env: Any, ups
     side = state["sidecar"]
     assert side["status"] == "running" and side["pid"] > 0
     assert side["audit"] == str(agent.gv.data_root / "audit" / gv.container_dir("st").parent.name / "st.jsonl")
-    with open(f"/proc/{side['pid']}/status") as f:
-        uid = int(next(line for line in f if line.startswith("Uid:")).split()[1])
-    # As the user who ran gvmrt; root's monitor drops to nobody once its files are open.
+    # As the user who ran gvmrt; root's monitor drops to nobody once its files are open, which
+    # is after it has answered create (but before its event loop accepts a connection).
+    deadline = time.monotonic() + 10
+    while True:
+        with open(f"/proc/{side['pid']}/status") as f:
+            uid = int(next(line for line in f if line.startswith("Uid:")).split()[1])
+        if uid == (gv.uid or 65534) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     assert uid == (gv.uid or 65534)
     with open(f"/proc/{side['pid']}/status") as f:
         assert next(line for line in f if line.startswith("NoNewPrivs:")).split()[1] == "1"
