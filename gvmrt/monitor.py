@@ -102,6 +102,8 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
         return 0  # the init is already gone
     # Everything that can fail for a reason the user should hear from `create` is done by now.
     audit = AuditWriter(conf["audit"])
+    from gvmrt import control
+    control_sock = control.bind(conf["state_dir"])
     process.send(sock, serving=True)
     sock.close()
 
@@ -144,6 +146,7 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
             loop.add_signal_handler(sig, stop.set)
         servers = []
         tasks = []
+        servers.append(await control.serve(control_sock, sidecar, conf["owner"]))
         for kind, _port, listener in listeners:
             if kind == "proxy":
                 servers.append(await asyncio.start_server(sidecar.handle, sock=listener, limit=64 * 1024))

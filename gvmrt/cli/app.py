@@ -72,9 +72,15 @@ def spec(
         raise UsageError(f"{path}: {exc.strerror}") from None
 
 
+GLOBALS: dict[str, Any] = {}   # the global options gvmrt.cli parsed (--root ...), for commands here
+
+
 def _proxy_command() -> None:
     from gvmrt.cli.proxy import proxy
     app.command(name="proxy")(proxy)
+    from gvmrt.cli import operator
+    for name in ("events", "pending", "approve", "deny"):
+        app.command(name=name)(getattr(operator, name))
 
 
 _proxy_command()
@@ -107,6 +113,7 @@ def run_app(argv: list[str], gopts: dict[str, Any], out: Any) -> int:
     typer reports its own usage errors (exit 2) and help; GvmrtError from a command propagates to
     gvmrt.cli.main, which prints the one-line message.
     """
+    GLOBALS.update(gopts)
     try:
         app(args=argv, prog_name="gvmrt", standalone_mode=True)
     except SystemExit as exc:

@@ -39,6 +39,7 @@ from gvmrt.policy.matcher import MAX_JSON_BODY, CompiledPolicy, Verdict
 from gvmrt.proxy import h1, sniff
 from gvmrt.proxy.audit import AuditError, AuditWriter
 from gvmrt.proxy.certs import CertificateAuthority, LeafCache
+from gvmrt.proxy.operator import Approvals, Events, Held
 from gvmrt.proxy.upstream import READ_SIZE, EventStream, Pool, Resolver, Upstream, UpstreamError
 
 __all__ = ["serve", "Sidecar", "Timeouts"]
@@ -73,6 +74,7 @@ class _Exchange:
     flagged: bool = False
     container: str = ""
     mode: str = "proxy"            # "proxy" (explicit), "transparent" (a captured port)
+    approval: dict[str, Any] | None = None   # a held request: how it was answered
 
     def entry(self) -> dict[str, Any]:
         now = time.time()
@@ -82,6 +84,7 @@ class _Exchange:
             "path": self.path, "rule": self.rule, "decision": self.decision, "reason": self.reason,
             "status": self.status, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "duration_ms": round((time.monotonic() - self.started) * 1000, 3), "flagged": self.flagged,
+            **({"approval": self.approval} if self.approval is not None else {}),
         }
 
 
@@ -120,6 +123,8 @@ class Sidecar:
         # Live client connections: asyncio.start_server's handler tasks are not cancelled when the
         # server stops (3.11), so serve() cancels them itself and nothing is left to the GC.
         self.tasks: set[asyncio.Task] = set()
+        self.events = Events()
+        self.approvals = Approvals(self.events)
 
     async def shutdown(self) -> None:
         """Cancel every client connection still being served and wait for each to close."""
@@ -242,7 +247,7 @@ class Sidecar:
         ex = _Exchange(_request_id(), "-", address, port, "", container=self.container, mode=mode)
         ex.reason, ex.flagged = f"connection to {address}:{port} closed: {reason}", True
         with contextlib.suppress(AuditError):
-            await asyncio.to_thread(self.audit.write, ex.entry(), sync=True)
+            await self._write_entry(ex.entry(), sync=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      tunnel: tuple[str, int] | None, *, origin_port: int | None = None,
@@ -379,9 +384,22 @@ class Sidecar:
         body_done = bool(prefix)
 
         if decision.action == "require_approval":
-            # Issue 3: held, then denied at the timeout (approvals arrive with issue 4).
-            await asyncio.sleep(decision.timeout_s)
-            ex.decision, ex.reason = "deny", f"{verdict.reason}: approval not given within {decision.timeout_s} s"
+            earlier = self.approvals.allowed_before(method, host, port, path)
+            if earlier is not None:
+                ex.decision, ex.reason = "allow", f"{verdict.reason}: allowed by the approval of {earlier} (--for)"
+                ex.approval = {"outcome": "approved earlier", "request_id": earlier}
+                return await self._forward(client, writer, head, ex, scheme, prefix, body_done)
+            # Held: the agent's connection stays open until an operator answers or the timeout.
+            size = head.content_length if head.body is h1.BodyKind.LENGTH else (None if body is None else len(body))
+            held = Held(request_id, method, host, port, path, size, verdict.rule_id, decision.timeout_s)
+            outcome = await self.approvals.hold(held)
+            ex.approval = {"outcome": "approved" if outcome.approved else "denied" if outcome.by is not None
+                           else "timeout", "by_uid": outcome.by,
+                           "waited_ms": round((time.monotonic() - ex.started) * 1000, 3)}
+            if outcome.approved:
+                ex.decision, ex.reason = "allow", f"{verdict.reason}: {outcome.reason}"
+                return await self._forward(client, writer, head, ex, scheme, prefix, body_done)
+            ex.decision, ex.reason = "deny", f"{verdict.reason}: {outcome.reason}"
             return await self._deny(writer, ex, head, body_done, ex.reason)
         if decision.action == "deny":
             return await self._deny(writer, ex, head, body_done, verdict.reason)
@@ -403,10 +421,7 @@ class Sidecar:
     async def _record(self, writer: asyncio.StreamWriter, ex: _Exchange, sync: bool) -> bool:
         """Write the audit line; on failure answer 503 and return False (fail closed)."""
         try:
-            if sync:
-                await asyncio.to_thread(self.audit.write, ex.entry(), sync=True)
-            else:
-                self.audit.write(ex.entry())
+            await self._write_entry(ex.entry(), sync)
         except AuditError as exc:
             await self._respond(writer, 503, "Service Unavailable",
                                 json.dumps({"decision": "error", "reason": f"cannot record the request: {exc}",
@@ -414,6 +429,15 @@ class Sidecar:
                                 extra=((b"X-Gvm-Request-Id", ex.request_id.encode()),))
             return False
         return True
+
+    async def _write_entry(self, entry: dict[str, Any], sync: bool) -> None:
+        """The one way a record leaves: the audit log first, then live subscribers."""
+        if sync:
+            await asyncio.to_thread(self.audit.write, entry, sync=True)
+        else:
+            self.audit.write(entry)
+        if self.events.subscribers:
+            self.events.publish({"event": "decision", **entry})
 
     async def _client_event(self, client: EventStream) -> h1.Event:
         """The next event of a request body; a cut or malformed body ends the connection."""
@@ -481,7 +505,7 @@ class Sidecar:
         ex.status = response.status
         ex.bytes_in = response.content_length if response.body is h1.BodyKind.LENGTH else (
             0 if response.body is h1.BodyKind.NONE else None)
-        sync = ex.decision in ("delay", "require_approval")
+        sync = ex.decision in ("delay", "require_approval") or ex.approval is not None
         if not await self._record(writer, ex, sync):
             up.close()
             return False

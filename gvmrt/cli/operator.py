@@ -1,0 +1,237 @@
+"""`gvmrt events`, `pending`, `approve`, `deny`: the operator's view of a governed container (issue 4).
+
+Past decisions come from the container's decision log (read directly: the caller owns it); live
+ones, held requests and answers go through the control socket its monitor serves (gvmrt.control).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from typing import Any, Iterator, Optional
+
+import typer
+
+from gvmrt.errors import GvmrtError, StateError, UsageError
+
+DECISIONS = ("allow", "audit_only", "delay", "require_approval", "deny")
+_DURATION = re.compile(r"(\d+)([smhd]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _root() -> Optional[str]:
+    from gvmrt.cli.app import GLOBALS
+    return GLOBALS.get("--root")
+
+
+def _container(cid: str) -> tuple[str, dict[str, Any]]:
+    """(state dir, OCI state) of a governed container whose sidecar may be asked things."""
+    from gvmrt.runtime import Runtime, resolve_target
+    rt = Runtime(_root())
+    cid, _ = resolve_target(cid)
+    st = rt.state(cid)
+    if "sidecar" not in st:
+        raise StateError(f"container {cid!r} is not governed (its config.json has no gvm section): no sidecar, "
+                         "no events or approvals")
+    return rt.root.dir(cid), st
+
+
+def _client(sdir: str, st: dict[str, Any], timeout: float | None = 10) -> Any:
+    from gvmrt.control import Client, ControlError
+    if st["sidecar"]["status"] != "running":
+        raise StateError(f"the sidecar of container {st['id']!r} is not running "
+                         f"(container {st['status']}); its decisions are in {st['sidecar']['audit']}")
+    try:
+        return Client(sdir, timeout)
+    except ControlError as exc:
+        raise GvmrtError(f"container {st['id']!r}: {exc}") from None
+
+
+def _call(sdir: str, st: dict[str, Any], **msg: Any) -> dict[str, Any]:
+    from gvmrt.control import ControlError
+    with _client(sdir, st) as c:
+        try:
+            return c.call(**msg)
+        except ControlError as exc:
+            raise GvmrtError(str(exc)) from None
+
+
+def parse_duration(text: str) -> int:
+    m = _DURATION.fullmatch(text.strip())
+    if not m or int(m.group(1)) == 0:
+        raise UsageError(f"--for {text!r}: give a duration like 30s, 10m, 2h or 1d")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _check_id(request_id: str) -> str:
+    from gvmrt.proxy.operator import REQUEST_ID
+    if not REQUEST_ID.fullmatch(request_id):
+        raise UsageError(f"{request_id!r} is not a request id (16 hex digits, as in X-Gvm-Request-Id and "
+                         "`gvmrt pending`)")
+    return request_id
+
+
+def _line(e: dict[str, Any]) -> str:
+    if e.get("event") == "held":
+        return (f"{'':23} {e['method']} {e['host']}:{e['port']}{e['path']}  rule={e['rule'] or '-'}  HELD "
+                f"{e['request_id']} (answer within {e['timeout_s']} s: gvmrt approve|deny)")
+    return (f"{e.get('time', ''):<24} {e.get('method', '')} {e.get('host', '')}:{e.get('port', '')}{e.get('path', '')}"
+            f"  rule={e.get('rule') or '-'}  {e.get('decision', '')}  {e.get('status', '')}"
+            + ("  flagged" if e.get("flagged") else ""))
+
+
+def _past(path: str) -> Iterator[dict[str, Any]]:
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                try:
+                    yield json.loads(raw)
+                except ValueError:
+                    continue   # a torn last line (a crash mid-write) is not an event
+    except FileNotFoundError:
+        return
+
+
+def events(
+    cid: str = typer.Argument(..., metavar="ID", help="container id"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep printing decisions as they happen"),
+    decision: Optional[str] = typer.Option(None, "--decision", help=f"only this decision ({', '.join(DECISIONS)})"),
+    fmt: str = typer.Option("text", "--format", help="text or json (one object per line)"),
+) -> None:
+    """The container's decisions: past ones from its log, then (--follow) live ones and held requests."""
+    if decision is not None and decision not in DECISIONS:
+        raise UsageError(f"--decision {decision!r}: one of {', '.join(DECISIONS)}")
+    if fmt not in ("text", "json"):
+        raise UsageError(f"--format {fmt!r}: text or json")
+    from gvmrt.errors import ContainerNotFound
+    try:
+        sdir, st = _container(cid)
+    except ContainerNotFound:
+        # Deleted: its decision log outlives it, and still answers for the past.
+        from gvmrt.runtime import Runtime, resolve_target
+        rt = Runtime(_root())
+        path = rt.root.audit_path(resolve_target(cid)[0])
+        if follow or not os.path.exists(path):
+            raise
+        sdir, st = "", {"id": cid, "sidecar": {"audit": path}}
+
+    def show(e: dict[str, Any]) -> None:
+        if decision is not None and (e.get("event") == "held" and decision != "require_approval"
+                                     or e.get("event") != "held" and e.get("decision") != decision):
+            return
+        e = {k: v for k, v in e.items() if k != "event"} if e.get("event") == "decision" else e
+        sys.stdout.write((json.dumps(e) if fmt == "json" else _line(e)) + "\n")
+        sys.stdout.flush()
+
+    live = None
+    if follow:
+        # Subscribe before reading the log, so nothing falls between the two; records in both are
+        # printed once (by request id).
+        client = _client(sdir, st, timeout=10)
+        live = client.subscribe()
+    seen = set()
+    for e in _past(st["sidecar"]["audit"]):
+        seen.add((e.get("request_id"), e.get("time")))
+        show(e)
+    if live is None:
+        return
+    try:
+        for e in live:
+            if e.get("event") == "decision" and (e.get("request_id"), e.get("time")) in seen:
+                continue
+            if e.get("event") == "overflow":
+                raise GvmrtError("events: the sidecar dropped this subscription (too slow a reader); run it again")
+            show(e)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.close()
+
+
+def pending(
+    cid: str = typer.Argument(..., metavar="ID", help="container id"),
+    fmt: str = typer.Option("text", "--format", help="text or json"),
+) -> None:
+    """Requests held for approval (RequireApproval), oldest first."""
+    if fmt not in ("text", "json"):
+        raise UsageError(f"--format {fmt!r}: text or json")
+    sdir, st = _container(cid)
+    held = _call(sdir, st, op="pending")["pending"]
+    if fmt == "json":
+        sys.stdout.write(json.dumps(held) + "\n")
+        return
+    rows = [("REQUEST", "METHOD", "TARGET", "BODY", "RULE", "HELD", "TIMEOUT")]
+    rows += [(h["request_id"], h["method"], f"{h['host']}:{h['port']}{h['path']}",
+              "-" if h["body_bytes"] is None else str(h["body_bytes"]), h["rule"] or "-", f"{h['held_s']:.0f}s",
+              f"{h['timeout_s']}s") for h in held]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    sys.stdout.write("".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n" for r in rows))
+
+
+def approve(
+    cid: str = typer.Argument(..., metavar="ID", help="container id"),
+    request_id: Optional[str] = typer.Argument(None, metavar="[REQUEST_ID]", help="the held request (gvmrt pending)"),
+    for_: Optional[str] = typer.Option(None, "--for", help="also let identical requests through for this long (10m, 2h)"),
+    interactive: bool = typer.Option(False, "--interactive", "-i", help="ask about each held request as it arrives"),
+) -> None:
+    """Let a held request through (or, with --interactive, decide each one as it comes)."""
+    for_s = parse_duration(for_) if for_ else None
+    sdir, st = _container(cid)
+    if interactive:
+        if request_id is not None:
+            raise UsageError("approve --interactive takes no request id: it asks about each one")
+        _interactive(sdir, st, for_s)
+        return
+    if request_id is None:
+        raise UsageError("approve needs a request id (see `gvmrt pending`), or --interactive")
+    reply = _call(sdir, st, op="approve", request_id=_check_id(request_id), for_s=for_s)
+    print(reply["message"])
+
+
+def deny(
+    cid: str = typer.Argument(..., metavar="ID", help="container id"),
+    request_id: str = typer.Argument(..., metavar="REQUEST_ID", help="the held request (gvmrt pending)"),
+) -> None:
+    """Refuse a held request (the agent gets 403)."""
+    sdir, st = _container(cid)
+    reply = _call(sdir, st, op="deny", request_id=_check_id(request_id))
+    print(reply["message"])
+
+
+def _interactive(sdir: str, st: dict[str, Any], for_s: int | None) -> None:
+    from gvmrt.control import ControlError
+    client = _client(sdir, st, timeout=10)
+    stream = client.subscribe()
+    asked: set[str] = set()
+
+    def ask(h: dict[str, Any]) -> None:
+        if h["request_id"] in asked:
+            return
+        asked.add(h["request_id"])
+        sys.stdout.write(f"{h['method']} {h['host']}:{h['port']}{h['path']} (rule {h['rule'] or '-'}, "
+                         f"body {h['body_bytes'] if h['body_bytes'] is not None else '-'} B) "
+                         f"approve? [y/N] ")
+        sys.stdout.flush()
+        answer = sys.stdin.readline()
+        if not answer:
+            raise KeyboardInterrupt
+        yes = answer.strip().lower() in ("y", "yes")
+        try:
+            reply = _call(sdir, st, op="approve" if yes else "deny", request_id=h["request_id"],
+                          **({"for_s": for_s} if yes and for_s else {}))
+            print(reply["message"])
+        except GvmrtError as exc:
+            print(f"not answered: {exc}")
+
+    try:
+        for h in _call(sdir, st, op="pending")["pending"]:
+            ask(h)
+        for e in stream:
+            if e.get("event") == "held":
+                ask(e)
+    except (KeyboardInterrupt, ControlError):
+        pass
+    finally:
+        client.close()
