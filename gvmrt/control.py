@@ -11,6 +11,7 @@ Requests and replies (every reply has "ok", and "error" when it is false):
     {"op": "pending"}                                  -> {"ok": true, "pending": [held request, ...]}
     {"op": "approve", "request_id": ID, "for_s": N?}   -> {"ok": true, "message": "..."}
     {"op": "deny", "request_id": ID}                   -> {"ok": true, "message": "..."}
+    {"op": "reload", "egress": POLICY}                 -> {"ok": true, "old": SHA256, "new": SHA256, "warnings": [...]}
     {"op": "events"}                                   -> {"ok": true}, then one {"event": ...} per line
                                                           ("decision" records, "held" requests) until
                                                           the client closes
@@ -66,8 +67,9 @@ def bind(directory: str) -> socket.socket:
 
 # --- the monitor's side ------------------------------------------------------------------------
 
-async def serve(listener: socket.socket, sidecar: Any, owner: int) -> Any:
-    """Serve the control socket for `sidecar` (a gvmrt.proxy.server.Sidecar); returns the server."""
+async def serve(listener: socket.socket, sidecar: Any, owner: int, reload: Any = None) -> Any:
+    """Serve the control socket for `sidecar` (a gvmrt.proxy.server.Sidecar); returns the server.
+    `reload(egress_json, uid) -> reply` applies a new policy (the monitor's, which knows the rest)."""
     import asyncio
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -93,11 +95,15 @@ async def serve(listener: socket.socket, sidecar: Any, owner: int) -> Any:
                     for_s = msg.get("for_s")
                     ok, text = sidecar.approvals.answer(msg.get("request_id"), op == "approve", uid, for_s)
                     await _reply(writer, {"ok": ok, "message": text} if ok else {"ok": False, "error": text})
+                elif op == "reload":
+                    reply = reload(msg.get("egress"), uid)
+                    await _reply(writer, reply)
                 elif op == "events":
                     await _stream(reader, writer, sidecar)
                     return
                 else:
-                    await _reply(writer, {"ok": False, "error": f"unknown op {op!r} (pending, approve, deny, events)"})
+                    await _reply(writer, {"ok": False, "error": f"unknown op {op!r} (pending, approve, deny, events, "
+                                                                f"reload)"})
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
         finally:

@@ -79,7 +79,7 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
     import socket
 
     from gvmrt.policy.matcher import CompiledPolicy
-    from gvmrt.proxy.audit import AuditWriter
+    from gvmrt.proxy.audit import AuditWriter, record_time
     # Two sockets per proxied connection: take the whole hard limit we were given.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -126,6 +126,38 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
     sidecar.pool.tls_context()   # now (~20 ms, off create's path): it reads the upstream CA file
     _drop_privileges()
 
+    current = {"sha256": policy_hash(egress)}
+    captured = set(conf.get("capture") or ())
+
+    def reload(new: Any, uid: int) -> dict[str, Any]:
+        """Swap in a policy `gvmrt update` validated; recorded in the log with both hashes."""
+        if not isinstance(new, dict):
+            return {"ok": False, "error": "reload needs the egress policy as a JSON object"}
+        if new.get("upstream_ca") != egress.get("upstream_ca"):
+            return {"ok": False, "error": "upstream_ca cannot change while the container runs (its trust is "
+                                          "built at start); recreate the container"}
+        try:
+            compiled = CompiledPolicy.from_json(new, watch=True if conf.get("watch") else None)
+        except (KeyError, TypeError, ValueError) as exc:   # validated by the CLI; belt and braces
+            return {"ok": False, "error": f"the policy does not compile: {exc}; the old one stays"}
+        old_sha, new_sha = current["sha256"], policy_hash(new)
+        entry = {"time": record_time(), "container": conf["id"], "event": "reload", "old_sha256": old_sha,
+                 "new_sha256": new_sha, "by_uid": uid, "rules": len(new.get("rules") or ())}
+        try:
+            audit.write(entry, sync=True)        # a reload nobody can see did not happen
+        except Exception as exc:  # noqa: BLE001 - AuditError: refuse, keep the old policy
+            return {"ok": False, "error": f"cannot record the reload: {exc}; the old policy stays"}
+        sidecar.reload(compiled, new.get("allow_private") or ())
+        statics.clear()
+        statics.update({h: list(a) for h, a in (new.get("resolve") or {}).items()})
+        current["sha256"] = new_sha
+        sidecar.events.publish(entry)
+        ports = sorted({p for r in new.get("rules") or () for p in r.get("ports") or ()} - captured - {3128})
+        warnings = [f"port {p} is not captured in this jail (ports are fixed at create: "
+                    f"{', '.join(map(str, sorted(captured)))}); rules for it apply to the explicit proxy only"
+                    for p in ports]
+        return {"ok": True, "old": old_sha, "new": new_sha, "warnings": warnings}
+
     async def accept_loop(listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         listener.setblocking(False)
@@ -146,7 +178,7 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
             loop.add_signal_handler(sig, stop.set)
         servers = []
         tasks = []
-        servers.append(await control.serve(control_sock, sidecar, conf["owner"]))
+        servers.append(await control.serve(control_sock, sidecar, conf["owner"], reload))
         for kind, _port, listener in listeners:
             if kind == "proxy":
                 servers.append(await asyncio.start_server(sidecar.handle, sock=listener, limit=64 * 1024))
@@ -186,3 +218,10 @@ def _drop_privileges() -> None:
         os.setresgid(NOBODY, NOBODY, NOBODY)
         os.setresuid(NOBODY, NOBODY, NOBODY)
     lsys.prctl(lsys.PR_SET_NO_NEW_PRIVS, 1)
+
+
+def policy_hash(egress: dict[str, Any]) -> str:
+    """SHA-256 of the policy's canonical JSON (sorted keys, no spaces): what a reload records."""
+    import hashlib
+    import json
+    return hashlib.sha256(json.dumps(egress, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

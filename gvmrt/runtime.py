@@ -305,7 +305,7 @@ class Runtime:
                 mon_pid, mon = monitor.spawn({
                     "id": cid, "egress": gvm["egress"], "watch": watch, "ca_dir": ca_dir, "audit": audit,
                     "log": os.path.join(sdir, "sidecar.log"), "upstream_ca": upstream_ca,
-                    "state_dir": sdir, "owner": uid})
+                    "state_dir": sdir, "owner": uid, "capture": gvm["capture"]})
                 ctx["gvm"] = gvm
                 st["sidecar"] = {"pid": mon_pid, "audit": audit}
             ctx["fifo_fd"] = fifo_fd = os.open(fifo, os.O_PATH | os.O_CLOEXEC)

@@ -79,7 +79,7 @@ def _proxy_command() -> None:
     from gvmrt.cli.proxy import proxy
     app.command(name="proxy")(proxy)
     from gvmrt.cli import operator
-    for name in ("events", "pending", "approve", "deny"):
+    for name in ("events", "pending", "approve", "deny", "update"):
         app.command(name=name)(getattr(operator, name))
 
 

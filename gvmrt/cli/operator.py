@@ -74,6 +74,9 @@ def _check_id(request_id: str) -> str:
 
 
 def _line(e: dict[str, Any]) -> str:
+    if e.get("event") == "reload":
+        return (f"{e.get('time', ''):<24} policy reloaded by uid {e.get('by_uid')}: {e.get('old_sha256', '')[:12]} -> "
+                f"{e.get('new_sha256', '')[:12]} ({e.get('rules')} rules)")
     if e.get("event") == "held":
         return (f"{'':23} {e['method']} {e['host']}:{e['port']}{e['path']}  rule={e['rule'] or '-'}  HELD "
                 f"{e['request_id']} (answer within {e['timeout_s']} s: gvmrt approve|deny)")
@@ -235,3 +238,43 @@ def _interactive(sdir: str, st: dict[str, Any], for_s: int | None) -> None:
         pass
     finally:
         client.close()
+
+
+def update(
+    cid: str = typer.Argument(..., metavar="ID", help="container id"),
+    policy: Optional[str] = typer.Option(None, "--policy", help="a JSON file with the new gvm.egress policy "
+                                         "(the policy object, or a whole config.json)"),
+    from_bundle: bool = typer.Option(False, "--from-bundle", help="re-read gvm.egress from the bundle's config.json"),
+) -> None:
+    """Swap a running container's egress policy atomically (old or new per request, never a mix)."""
+    if (policy is None) == (not from_bundle):
+        raise UsageError("update needs exactly one of --policy FILE and --from-bundle")
+    sdir, st = _container(cid)
+    path = policy if policy is not None else os.path.join(st["bundle"], "config.json")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        from gvmrt.errors import ConfigError
+        raise ConfigError(path, "", f"not valid JSON: {exc}") from None
+    base = "/gvm/egress"
+    if isinstance(data, dict) and ("gvm" in data or "ociVersion" in data):
+        gvm = data.get("gvm")
+        if not isinstance(gvm, dict) or "egress" not in gvm:
+            from gvmrt.errors import ConfigError
+            raise ConfigError(path, "/gvm/egress", "is missing: nothing to reload")
+        data = gvm["egress"]
+    elif policy is not None:
+        base = ""
+    from gvmrt.policy.matcher import CompiledPolicy
+    from gvmrt.policy.model import parse_egress
+    model = parse_egress(data, path, base)
+    CompiledPolicy.compile(model)            # what the sidecar will do with it, checked here first
+    reply = _call(sdir, st, op="reload", egress=model.model_dump(mode="json", by_alias=True, exclude_unset=True))
+    for w in reply.get("warnings") or ():
+        sys.stderr.write(f"gvmrt: note: {w}\n")
+    print(f"policy of {st['id']} reloaded: {reply['old'][:12]} -> {reply['new'][:12]}")

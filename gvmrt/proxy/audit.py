@@ -13,13 +13,20 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from gvmrt.errors import GvmrtError
 
-__all__ = ["AuditError", "AuditWriter"]
+__all__ = ["AuditError", "AuditWriter", "record_time"]
 
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def record_time() -> str:
+    """Now, as every record says it: UTC, milliseconds, RFC 3339 ("2026-11-26T01:02:03.456Z")."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
 
 
 class AuditError(GvmrtError):

@@ -37,7 +37,7 @@ from gvmrt.policy.canon import BadHost, canonical_host
 from gvmrt.policy.decision import Decision
 from gvmrt.policy.matcher import MAX_JSON_BODY, CompiledPolicy, Verdict
 from gvmrt.proxy import h1, sniff
-from gvmrt.proxy.audit import AuditError, AuditWriter
+from gvmrt.proxy.audit import AuditError, AuditWriter, record_time
 from gvmrt.proxy.certs import CertificateAuthority, LeafCache
 from gvmrt.proxy.operator import Approvals, Events, Held
 from gvmrt.proxy.upstream import READ_SIZE, EventStream, Pool, Resolver, Upstream, UpstreamError
@@ -77,9 +77,8 @@ class _Exchange:
     approval: dict[str, Any] | None = None   # a held request: how it was answered
 
     def entry(self) -> dict[str, Any]:
-        now = time.time()
         return {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
+            "time": record_time(),
             "container": self.container, "mode": self.mode, "request_id": self.request_id, "method": self.method, "host": self.host, "port": self.port,
             "path": self.path, "rule": self.rule, "decision": self.decision, "reason": self.reason,
             "status": self.status, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
@@ -125,6 +124,13 @@ class Sidecar:
         self.tasks: set[asyncio.Task] = set()
         self.events = Events()
         self.approvals = Approvals(self.events)
+
+    def reload(self, policy: CompiledPolicy, allow_private: Collection[str]) -> None:
+        """Swap the policy: one reference assignment on the loop's thread, so a request is decided
+        wholly by the old set or wholly by the new (each reads `self.policy` once), and requests
+        already decided finish under the rules they started with."""
+        self.policy = policy
+        self.pool.allow_private = frozenset(_canon(h) for h in allow_private)
 
     async def shutdown(self) -> None:
         """Cancel every client connection still being served and wait for each to close."""

@@ -147,7 +147,7 @@ class Pool:
                  upstream_cafile: str | None = None, idle_cutoff: float = IDLE_CUTOFF,
                  max_idle_per_key: int = MAX_IDLE_PER_KEY) -> None:
         self._resolve = resolve or default_resolve
-        self._allow_private = frozenset(h.lower() for h in allow_private)
+        self.allow_private = frozenset(h.lower() for h in allow_private)
         self._cafile = upstream_cafile
         self._tls: ssl.SSLContext | None = None
         self._idle: dict[Key, list[Upstream]] = {}
@@ -187,7 +187,7 @@ class Pool:
             raise UpstreamError(502, f"cannot resolve {host}: {exc}") from exc
         if not addresses:
             raise UpstreamError(502, f"{host} has no address")
-        if host not in self._allow_private:
+        if host not in self.allow_private:
             # All of them, not just the one we would dial: a name that mixes public and private
             # answers is a rebinding attempt as far as the sidecar is concerned.
             for address in addresses:

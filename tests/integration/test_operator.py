@@ -218,3 +218,63 @@ def test_operator_commands_on_a_plain_or_stopped_container(env: Any, upstream: U
     assert res.rc == 1 and "not governed" in res.err
     assert gv("events", "nosuch").rc == 1
     gv.ok("delete", "--force", "plain")
+
+
+def test_reload_under_steady_traffic_loses_none_and_mixes_none(rootless_agent: Any) -> None:
+    agent = rootless_agent([{"id": "old", "hosts": ["api.test"], "decision": {"action": "allow"}}])
+    gv = agent.gv
+    # The agent sends a steady stream of requests on fresh connections and notes each decision.
+    code = f"""
+n = 0
+while not os.path.exists("/t/stop"):
+    r = proxied("GET", "https://api.test:{agent.upstream.https_port}/steady/" + str(n))
+    with open("/t/log", "a") as f:
+        f.write(json.dumps([n, time.time(), r["status"], r.get("decision"), r.get("body", "")[:200]]) + "\\n")
+    n += 1
+open("/t/stopped", "w").close()
+time.sleep(60)
+"""
+    agent._with_args(["python3", "-c", "from agentlib import *\n" + code])
+    gv.ok("run", "--detach", "--bundle", str(agent.bundle), "rl")
+    log = agent.shared / "log"
+    deadline = time.monotonic() + 20
+    while not (log.exists() and len(log.read_text().splitlines()) >= 20):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    new_policy = agent.shared / "new.json"
+    keep = {k: v for k, v in agent.config()["gvm"]["egress"].items() if k != "rules"}   # upstream settings
+    new_policy.write_text(json.dumps({**keep, "rules": [{"id": "new", "hosts": ["api.test"],
+                                                         "decision": {"action": "deny", "reason": "reloaded"}}]}))
+    res = gv.ok("update", "rl", "--policy", str(new_policy))
+    applied = time.time()
+    assert "reloaded" in res.out
+    time.sleep(1)
+    (agent.shared / "stop").write_text("")
+    _wait_file(agent.shared / "stopped")
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r[0] for r in rows] == list(range(len(rows))), "no request lost"
+    kinds = [("old" if (r[2], r[3]) == (200, "allow") else "new" if (r[2], r[3]) == (403, "deny") else r)
+             for r in rows]
+    assert set(kinds) == {"old", "new"}, kinds
+    first_new = kinds.index("new")
+    assert kinds[first_new:] == ["new"] * (len(kinds) - first_new), "never a mix: old after new"
+    # In effect within 100 ms of `gvmrt update` returning (requests run back to back).
+    assert all(r[1] <= applied + 0.1 for r, k in zip(rows, kinds) if k == "old"), rows[first_new - 2:first_new + 1]
+    # Recorded with both hashes; an invalid policy is refused with its pointer and the new one stays.
+    reloads = [e for e in agent.audit("rl") if e.get("event") == "reload"]
+    assert len(reloads) == 1 and reloads[0]["old_sha256"] != reloads[0]["new_sha256"]
+    assert reloads[0]["by_uid"] == gv.uid
+    new_policy.write_text(json.dumps({**keep, "rules": [{"id": "x", "hosts": ["api.test"],
+                                                         "decision": {"action": "nope"}}]}))
+    bad = gv("update", "rl", "--policy", str(new_policy))
+    assert bad.rc == 2 and "/rules/0/decision" in bad.err, bad
+    assert len([e for e in agent.audit("rl") if e.get("event") == "reload"]) == 1
+    assert "policy reloaded" in gv.ok("events", "rl").out
+    # Re-reading the bundle's own config puts its policy back.
+    assert "reloaded" in gv.ok("update", "rl", "--from-bundle").out
+    new_policy.write_text(json.dumps({"rules": []}))          # drops upstream_ca: not while running
+    refused = gv("update", "rl", "--policy", str(new_policy))
+    assert refused.rc == 1 and "upstream_ca cannot change" in refused.err
+    usage = gv("update", "rl")
+    assert usage.rc == 2 and "exactly one of" in usage.err
+    gv.ok("delete", "--force", "rl")
