@@ -121,8 +121,12 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
         from gvmrt.proxy.upstream import default_resolve
         return await default_resolve(host, port)
 
+    from gvmrt.proxy.credentials import Credentials
+    creds = Credentials(conf.get("credentials") or [], conf.get("secrets") or {})
+    conf.pop("secrets", None)
     sidecar = Sidecar(policy, ca, audit, upstream_cafile=conf.get("upstream_ca"),
-                      allow_private=egress.get("allow_private") or (), resolve=resolve, container=conf["id"])
+                      allow_private=egress.get("allow_private") or (), resolve=resolve, container=conf["id"],
+                      credentials=creds)
     sidecar.pool.tls_context()   # now (~20 ms, off create's path): it reads the upstream CA file
     _drop_privileges()
 

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 # under older, laxer rules is never used (2: stricter JSON types, sysctl and bind-option checks;
 # 4: gvm is a validated model, the plan carries the compiled-checked egress policy, not raw gvm;
 # 5: "gvm" replaces "egress": the sidecar's listeners, CA path and the governed environment;
-# 6: the not-governed notice moved out of the plan's warnings).
-PLAN_VERSION = 6
+# 6: the not-governed notice moved out of the plan's warnings; 7: gvm.credentials).
+PLAN_VERSION = 7
 
 # runc's libcontainer/specconv mountFlags table: option → (clear?, flag).
 MOUNT_FLAGS: dict[str, tuple[bool, int]] = {
@@ -190,7 +190,8 @@ def compile_config(cfg: Any, warnings: list[str]) -> dict[str, Any]:
         "readonly": list(cfg.linux.readonlyPaths),
         "sysctl": dict(cfg.linux.sysctl),
         "process": {
-            "args": list(p.args), "env": _governed_env(p.env) if gvm else list(p.env), "cwd": p.cwd,
+            "args": list(p.args), "env": _governed_env(p.env, gvm["credentials"]) if gvm else list(p.env),
+            "cwd": p.cwd,
             "terminal": p.terminal,
             "console_size": [p.consoleSize.height, p.consoleSize.width] if p.consoleSize else None,
             "uid": p.user.uid, "gid": p.user.gid, "groups": list(p.user.additionalGids),
@@ -230,24 +231,31 @@ def _gvm(cfg: Any, ns_types: list[str], warnings: list[str]) -> dict[str, Any] |
         raise ConfigError("config.json", f"/linux/namespaces/{i}/path",
                           "a bundle with a gvm section cannot join an existing network namespace: traffic there "
                           "would bypass the sidecar; remove the path")
-    reserved = sorted(k for k in ("dns", "credentials", "filesystem", "audit") if getattr(cfg.gvm, k) is not None)
+    reserved = sorted(k for k in ("dns", "filesystem", "audit") if getattr(cfg.gvm, k) is not None)
     if reserved:
         warnings.append(f"gvm.{{{','.join(reserved)}}} not enforced by this gvmrt version (egress is)")
     egress = _egress(cfg)
     ports = {port for rule in (cfg.gvm.egress.rules if cfg.gvm.egress else ()) for port in rule.ports or ()}
+    creds = []
+    for c in cfg.gvm.credentials or ():
+        c = c.model_dump(mode="json", exclude_none=True)
+        c.setdefault("placeholder", f"gvmrt-placeholder-{c['name']}")
+        creds.append(c)
     return {
         "egress": egress if egress is not None else {},
+        "credentials": creds,
         "capture": sorted((ports | set(CAPTURED_PORTS)) - {PROXY_PORT}),
         "proxy_port": PROXY_PORT,
         "ca_path": CA_PATH,
     }
 
 
-def _governed_env(env: list[str]) -> list[str]:
-    """process.env plus the proxy and trust variables; ours replace the config's (the agent
-    changing them later gains nothing: every port but the captured ones is closed)."""
+def _governed_env(env: list[str], credentials: list[dict[str, Any]]) -> list[str]:
+    """process.env plus the proxy and trust variables and the credentials' placeholders; ours
+    replace the config's (the agent changing them later gains nothing: every port but the
+    captured ones is closed, and a placeholder is worth nothing outside the sidecar)."""
     proxy = f"http://127.0.0.1:{PROXY_PORT}"
-    ours = {}
+    ours = {c["env"]: c["placeholder"] for c in credentials if c.get("env")}
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         ours[name] = ours[name.lower()] = proxy
     ours["NO_PROXY"] = ours["no_proxy"] = "localhost,127.0.0.1,::1"

@@ -250,6 +250,7 @@ class Runtime:
             if not os.path.isfile(upstream_ca):
                 from gvmrt.errors import ConfigError
                 raise ConfigError(cfg_path, "/gvm/egress/upstream_ca", f"{upstream_ca}: no such file in the bundle")
+        secrets = _secrets(gvm["credentials"], cfg_path) if gvm is not None and gvm["credentials"] else {}
         if watch and gvm is None:
             raise UsageError(f"--watch records what the sidecar sees, but {cfg_path} has no gvm section "
                              "(add \"gvm\": {} to govern this bundle)")
@@ -305,7 +306,9 @@ class Runtime:
                 mon_pid, mon = monitor.spawn({
                     "id": cid, "egress": gvm["egress"], "watch": watch, "ca_dir": ca_dir, "audit": audit,
                     "log": os.path.join(sdir, "sidecar.log"), "upstream_ca": upstream_ca,
-                    "state_dir": sdir, "owner": uid, "capture": gvm["capture"]})
+                    "state_dir": sdir, "owner": uid, "capture": gvm["capture"],
+                    "credentials": gvm["credentials"], "secrets": secrets})
+                secrets = {}
                 ctx["gvm"] = gvm
                 st["sidecar"] = {"pid": mon_pid, "audit": audit}
             ctx["fifo_fd"] = fifo_fd = os.open(fifo, os.O_PATH | os.O_CLOEXEC)
@@ -570,6 +573,77 @@ def _write_pid_file(path: str, pid: int) -> None:
         except OSError:
             pass
         raise HostError(f"--pid-file {path}: {exc.strerror}") from exc
+
+
+def secrets_file() -> str:
+    """Where a user keeps the secrets of credentials: 0600, outside every bundle."""
+    if os.environ.get("GVMRT_SECRETS"):
+        return os.environ["GVMRT_SECRETS"]
+    from gvmrt.statedir import is_host_root
+    if is_host_root():
+        return "/etc/gvmrt/secrets.json"
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "gvmrt", "secrets.json")
+
+
+def secret_env(name: str) -> str:
+    return "GVMRT_SECRET_" + "".join(c if c.isalnum() else "_" for c in name.upper())
+
+
+def _secrets(credentials: list[dict[str, Any]], cfg_path: str) -> dict[str, str]:
+    """The value of each declared credential: GVMRT_SECRET_<NAME> in our environment, else the
+    secrets file (a JSON object, 0600 and ours). Taken out of our environment once read, so no
+    helper we spawn (newuidmap) inherits it."""
+    from gvmrt.errors import ConfigError
+    out: dict[str, str] = {}
+    table: dict[str, Any] | None = None
+    path = secrets_file()
+    for i, cred in enumerate(credentials):
+        name = cred["name"]
+        env = secret_env(name)
+        if env in os.environ:
+            out[name] = os.environ.pop(env)
+            continue
+        if table is None:
+            table = _read_secrets(path)
+        value = table.get(name)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(cfg_path, f"/gvm/credentials/{i}/name",
+                              f"no secret for credential {name!r}: set {env} in gvmrt's environment, or add "
+                              f"\"{name}\": \"...\" to {path} (mode 0600)")
+        out[name] = value
+    for name, value in out.items():
+        if any(c in value for c in "\r\n\x00"):
+            raise ConfigError(cfg_path, "/gvm/credentials", f"the secret of credential {name!r} contains CR, LF "
+                                                            "or NUL; it cannot go into a header")
+    return out
+
+
+def _read_secrets(path: str) -> dict[str, Any]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise HostError(f"secrets file {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise HostError(f"secrets file {path} must be yours and mode 0600 (it is {st.st_mode & 0o777:o}, "
+                            f"uid {st.st_uid}); fix with chmod 600")
+        data = b""
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    finally:
+        os.close(fd)
+    from gvmrt import _json
+    try:
+        table = _json.loads(data)
+    except ValueError:
+        raise HostError(f"secrets file {path}: not valid JSON (an object of name: secret)") from None
+    if not isinstance(table, dict):
+        raise HostError(f"secrets file {path}: must be a JSON object of name: secret")
+    return table
 
 
 def _set_aside(audit: str) -> None:

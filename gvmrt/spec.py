@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gvmrt import OCI_VERSION
 from gvmrt.errors import ConfigError
-from gvmrt.policy.model import Egress
+from gvmrt.policy.model import Credential, Egress, credential_names_unique
 from gvmrt.validation import At, Strict, errors_of
 
 ID_MAX = 2**32 - 1
@@ -335,16 +335,22 @@ class Gvm(_Strict):
     """The `gvm` extension: governance settings (spec/bundle.md, spec/policy.md).
 
     Its presence makes a bundle governed: its own network namespace whose only way out is the
-    sidecar (spec/policy.md). Only ``egress`` is specified and validated; the other groups are
-    reserved for later issues and accepted as any JSON object, not enforced yet (create says so).
+    sidecar (spec/policy.md). ``egress`` and ``credentials`` are specified and enforced; the other
+    groups are reserved for later issues and accepted as any JSON object, not enforced yet (create
+    says so).
     Any other key is refused like a typo.
     """
 
     egress: Egress | None = None
+    credentials: list[Credential] | None = None
     dns: dict[str, Any] | None = Field(None, description="reserved, not enforced yet")
-    credentials: dict[str, Any] | None = Field(None, description="reserved, not enforced yet")
     filesystem: dict[str, Any] | None = Field(None, description="reserved, not enforced yet")
     audit: dict[str, Any] | None = Field(None, description="reserved, not enforced yet")
+
+    @field_validator("credentials")
+    @classmethod
+    def _unique(cls, creds: list[Credential] | None) -> list[Credential] | None:
+        return None if creds is None else credential_names_unique(creds)
 
 
 class Config(BaseModel):

@@ -22,7 +22,7 @@ from gvmrt.validation import At as _At
 from gvmrt.validation import Strict as _Strict
 from gvmrt.validation import errors_of
 
-__all__ = ["Allow", "AuditOnly", "Delay", "RequireApproval", "Deny", "Decision", "Rule", "Egress",
+__all__ = ["Allow", "AuditOnly", "Delay", "RequireApproval", "Deny", "Decision", "Rule", "Egress", "Credential",
            "CAUTION", "severity", "parse_egress"]
 
 
@@ -82,22 +82,12 @@ def _glob_problem(glob: str) -> str | None:
     return None
 
 
-class Rule(_Strict):
-    id: str = Field(min_length=1, max_length=128, pattern=_RULE_ID)
+class _Scope(_Strict):
+    """Which requests something applies to, by method, host and path glob (rules, credentials)."""
+
     methods: list[str] | None = Field(None, min_length=1)
     hosts: list[str] = Field(min_length=1)
-    ports: list[Annotated[int, Field(ge=1, le=65535)]] | None = Field(None, min_length=1)
     paths: list[str] | None = Field(None, min_length=1)
-    path_regex: str | None = None
-    query: dict[str, str] | None = None
-    json_: dict[str, Any] | None = Field(None, alias="json")
-    on_uninspectable: Decision = Field(default_factory=lambda: Deny(**UNINSPECTABLE_JSON))
-    decision: Decision
-    # strict=False: JSON has no datetime type, so an RFC 3339 string must be parsed; naive times
-    # are refused (AwareDatetime) because "expires at 18:00" on which clock is a policy bug.
-    expires: AwareDatetime | None = Field(None, strict=False)
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
     @field_validator("methods")
     @classmethod
@@ -141,6 +131,22 @@ class Rule(_Strict):
                 raise _At((i,), problem)
         return paths
 
+
+
+class Rule(_Scope):
+    id: str = Field(min_length=1, max_length=128, pattern=_RULE_ID)
+    ports: list[Annotated[int, Field(ge=1, le=65535)]] | None = Field(None, min_length=1)
+    path_regex: str | None = None
+    query: dict[str, str] | None = None
+    json_: dict[str, Any] | None = Field(None, alias="json")
+    on_uninspectable: Decision = Field(default_factory=lambda: Deny(**UNINSPECTABLE_JSON))
+    decision: Decision
+    # strict=False: JSON has no datetime type, so an RFC 3339 string must be parsed; naive times
+    # are refused (AwareDatetime) because "expires at 18:00" on which clock is a policy bug.
+    expires: AwareDatetime | None = Field(None, strict=False)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+
     @field_validator("path_regex")
     @classmethod
     def _regex(cls, rx: str | None) -> str | None:
@@ -166,6 +172,71 @@ class Rule(_Strict):
         if "on_uninspectable" in self.model_fields_set and self.json_ is None:
             raise _At(("on_uninspectable",), "applies only to rules with 'json' body fields; remove it")
         return self
+
+
+# --- credentials (gvm.credentials) ------------------------------------------------------------
+
+_CRED_NAME = r"^[A-Za-z0-9_.-]+$"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SECRET_SLOT = "{secret}"
+
+
+class Inject(_Strict):
+    """Where the secret goes: one request header, its value built from `format`."""
+
+    header: str = Field(min_length=1, max_length=128)
+    format: str = Field(SECRET_SLOT, min_length=1, max_length=1024)
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, h: str) -> str:
+        if not _METHOD.fullmatch(h):
+            raise ValueError(f"{h!r} is not an HTTP header name")
+        if h.lower() in ("host", "content-length", "transfer-encoding", "connection"):
+            raise ValueError(f"{h!r} decides where and how a request goes; a secret cannot go there")
+        return h
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, f: str) -> str:
+        if f.count(SECRET_SLOT) != 1:
+            raise ValueError(f"must contain {SECRET_SLOT} exactly once, e.g. 'Bearer {SECRET_SLOT}'")
+        if any(c in f for c in "\r\n\x00"):
+            raise ValueError("must not contain CR, LF or NUL")
+        return f
+
+
+class Credential(_Scope):
+    """A secret the agent may use without holding it: injected by the sidecar into requests in scope
+    (hosts, and optionally methods and path globs) after they are allowed."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=_CRED_NAME)
+    inject: Inject
+    env: str | None = Field(None, max_length=128)
+    placeholder: str | None = Field(None, min_length=8, max_length=256)
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, e: str | None) -> str | None:
+        if e is not None and not _ENV_NAME.fullmatch(e):
+            raise ValueError(f"{e!r} is not an environment variable name")
+        return e
+
+    @field_validator("placeholder")
+    @classmethod
+    def _placeholder(cls, p: str | None) -> str | None:
+        if p is not None and not all(c.isalnum() or c in "-_." for c in p):
+            raise ValueError("use letters, digits, '-', '_' and '.' (it is matched in request headers)")
+        return p
+
+
+def credential_names_unique(creds: list[Credential]) -> list[Credential]:
+    seen: dict[str, int] = {}
+    for i, c in enumerate(creds):
+        if c.name in seen:
+            raise _At((i, "name"), f"credential {c.name!r} is already declared at {seen[c.name]}; names must be unique")
+        seen[c.name] = i
+    return creds
 
 
 class Egress(_Strict):

@@ -39,6 +39,7 @@ from gvmrt.policy.matcher import MAX_JSON_BODY, CompiledPolicy, Verdict
 from gvmrt.proxy import h1, sniff
 from gvmrt.proxy.audit import AuditError, AuditWriter, record_time
 from gvmrt.proxy.certs import CertificateAuthority, LeafCache
+from gvmrt.proxy.credentials import Credentials
 from gvmrt.proxy.operator import Approvals, Events, Held
 from gvmrt.proxy.upstream import READ_SIZE, EventStream, Pool, Resolver, Upstream, UpstreamError
 
@@ -75,6 +76,7 @@ class _Exchange:
     container: str = ""
     mode: str = "proxy"            # "proxy" (explicit), "transparent" (a captured port)
     approval: dict[str, Any] | None = None   # a held request: how it was answered
+    credential: str | None = None            # the credential injected (its name, never its value)
 
     def entry(self) -> dict[str, Any]:
         return {
@@ -84,6 +86,7 @@ class _Exchange:
             "status": self.status, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "duration_ms": round((time.monotonic() - self.started) * 1000, 3), "flagged": self.flagged,
             **({"approval": self.approval} if self.approval is not None else {}),
+            **({"credential": self.credential} if self.credential is not None else {}),
         }
 
 
@@ -111,8 +114,10 @@ class Sidecar:
 
     def __init__(self, policy: CompiledPolicy, ca: CertificateAuthority, audit: AuditWriter, *,
                  upstream_cafile: str | None = None, allow_private: Collection[str] = frozenset(),
-                 resolve: Resolver | None = None, timeouts: Timeouts = Timeouts(), container: str = "") -> None:
+                 resolve: Resolver | None = None, timeouts: Timeouts = Timeouts(), container: str = "",
+                 credentials: Credentials | None = None) -> None:
         self.policy = policy
+        self.credentials = credentials
         self.container = container
         self.leaves = LeafCache(ca)
         self.audit = audit
@@ -365,6 +370,8 @@ class Sidecar:
                 problem = "userinfo in the request target"
             path = (url.path or "/") + (f"?{url.query}" if url.query else "")
         ex = _Exchange(request_id, method, host, port, path, container=self.container, mode=mode)
+        if problem is None and self.credentials:
+            problem = self.credentials.misuse(method.upper(), host, path, head.headers)
 
         # Read a small body before deciding, so JSON body rules can see it (bounded: MAX_JSON_BODY).
         prefix: list[h1.Event] = []
@@ -462,6 +469,10 @@ class Sidecar:
         key = (scheme, ex.host, ex.port)
         authority = ex.host if ex.port == (443 if scheme == "https" else 80) else f"{ex.host}:{ex.port}"
         headers = tuple((n, v) for n, v in h1.strip_hop_by_hop(head.headers) if n.lower() != b"host")
+        if self.credentials:
+            # After the decision (only allowed requests get here): the agent's own credentials
+            # never reach a covered host, the real one only a request in scope.
+            headers, ex.credential = self.credentials.apply(ex.method.upper(), ex.host, ex.path, headers)
         headers = ((b"Host", authority.encode("ascii")),) + headers
         chunked = head.body is h1.BodyKind.CHUNKED
         if chunked:

@@ -203,9 +203,9 @@ def test_governed_process_gets_proxy_and_trust_variables_that_replace_its_own() 
 
 
 def test_gvm_reserved_sections_are_accepted_and_noticed_as_not_enforced() -> None:
-    plan, warnings = check(raw_of(governed(dns={"anything": 1}, credentials={}, filesystem={}, audit={})))
+    plan, warnings = check(raw_of(governed(dns={"anything": 1}, filesystem={}, audit={})))
     assert plan["gvm"]["egress"] == {}
-    assert warnings == ["gvm.{audit,credentials,dns,filesystem} not enforced by this gvmrt version (egress is)"]
+    assert warnings == ["gvm.{audit,dns,filesystem} not enforced by this gvmrt version (egress is)"]
 
 
 def test_empty_gvm_is_governed_by_the_default_policy_and_absent_gvm_is_plain() -> None:
@@ -356,3 +356,18 @@ def test_config_model_is_frozen() -> None:
     assert isinstance(cfg, Config)
     with pytest.raises(ValidationError, match="frozen"):
         cfg.hostname = "renamed"  # type: ignore[misc]
+
+
+def test_credentials_are_in_the_plan_without_secrets_and_their_placeholders_in_the_env() -> None:
+    creds = [{"name": "gh", "inject": {"header": "Authorization", "format": "Bearer {secret}"},
+              "hosts": ["API.GitHub.com"], "env": "GITHUB_TOKEN"},
+             {"name": "other", "inject": {"header": "X-Api-Key"}, "hosts": ["*.example.com"], "placeholder": "ph-1234567"}]
+    cfg = governed(credentials=creds)
+    cfg["process"]["env"] = ["GITHUB_TOKEN=the-real-one"]
+    plan, _ = check(raw_of(cfg))
+    got = plan["gvm"]["credentials"]
+    assert [c["name"] for c in got] == ["gh", "other"] and got[0]["hosts"] == ["api.github.com"]
+    assert got[0]["placeholder"] == "gvmrt-placeholder-gh" and got[1]["placeholder"] == "ph-1234567"
+    assert got[1]["inject"]["format"] == "{secret}"
+    env = dict(e.split("=", 1) for e in plan["process"]["env"])
+    assert env["GITHUB_TOKEN"] == "gvmrt-placeholder-gh", "the config's own value is replaced"
