@@ -163,7 +163,8 @@ def test_every_example_in_spec_policy_md_validates() -> None:
         value = _json.loads("{" + src + "}")
         (key, inner), = value.items()
         if key == "gvm":
-            parse_egress(inner["egress"])
+            from gvmrt.spec import Gvm
+            Gvm.model_validate(inner)
         elif key == "egress":
             parse_egress(inner)
         elif key == "rules":
