@@ -126,7 +126,7 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
     conf.pop("secrets", None)
     sidecar = Sidecar(policy, ca, audit, upstream_cafile=conf.get("upstream_ca"),
                       allow_private=egress.get("allow_private") or (), resolve=resolve, container=conf["id"],
-                      credentials=creds)
+                      credentials=creds, dns_conf=conf.get("dns"))
     sidecar.pool.tls_context()   # now (~20 ms, off create's path): it reads the upstream CA file
     _drop_privileges()
 
@@ -176,6 +176,7 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
+        # (loop is passed to _serve_udp below)
         stop = asyncio.Event()
         loop.add_reader(pidfd, stop.set)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -183,9 +184,13 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
         servers = []
         tasks = []
         servers.append(await control.serve(control_sock, sidecar, conf["owner"], reload))
-        for kind, _port, listener in listeners:
+        for kind, port, listener in listeners:
             if kind == "proxy":
                 servers.append(await asyncio.start_server(sidecar.handle, sock=listener, limit=64 * 1024))
+            elif kind == "dns-tcp" or (kind == "capture" and port == 53):
+                servers.append(await asyncio.start_server(sidecar.dns_tcp, sock=listener, limit=64 * 1024))
+            elif kind == "dns-udp":
+                _serve_udp(loop, listener, sidecar, tasks)
             else:
                 tasks.append(asyncio.ensure_future(accept_loop(listener)))
         await stop.wait()
@@ -229,3 +234,45 @@ def policy_hash(egress: dict[str, Any]) -> str:
     import hashlib
     import json
     return hashlib.sha256(json.dumps(egress, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _serve_udp(loop: Any, sock: Any, sidecar: Any, tasks: list[Any]) -> None:
+    """The jail's UDP DNS: each query answered from the address it was sent to (PKTINFO)."""
+    import asyncio
+    import socket
+    import struct
+
+    v6 = sock.family == socket.AF_INET6
+    level, kind = (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO) if v6 else (socket.IPPROTO_IP, 8)  # IP_PKTINFO
+    sock.setblocking(False)
+
+    async def one(data: bytes, peer: Any, dst: bytes) -> None:
+        if v6:
+            where = socket.inet_ntop(socket.AF_INET6, dst[:16])
+            anc = [(level, kind, dst[:16] + struct.pack("I", 0))]
+        else:
+            where = socket.inet_ntoa(dst[8:12])
+            anc = [(level, kind, struct.pack("i4s4s", 0, dst[8:12], b"\0" * 4))]
+        reply = await sidecar.dns_query(data, where, "udp")
+        if reply is not None:
+            try:
+                sock.sendmsg([reply], anc, 0, peer)
+            except OSError:
+                pass
+
+    def readable() -> None:
+        while True:
+            try:
+                data, ancdata, _flags, peer = sock.recvmsg(4096, 256)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            dst = next((d for lvl, t, d in ancdata if lvl == level and t == kind), None)
+            if dst is None:
+                continue
+            task = asyncio.ensure_future(one(data, peer, dst))
+            sidecar.tasks.add(task)
+            task.add_done_callback(sidecar.tasks.discard)
+
+    loop.add_reader(sock.fileno(), readable)

@@ -307,7 +307,7 @@ class Runtime:
                     "id": cid, "egress": gvm["egress"], "watch": watch, "ca_dir": ca_dir, "audit": audit,
                     "log": os.path.join(sdir, "sidecar.log"), "upstream_ca": upstream_ca,
                     "state_dir": sdir, "owner": uid, "capture": gvm["capture"],
-                    "credentials": gvm["credentials"], "secrets": secrets})
+                    "credentials": gvm["credentials"], "secrets": secrets, "dns": gvm["dns"]})
                 secrets = {}
                 ctx["gvm"] = gvm
                 st["sidecar"] = {"pid": mon_pid, "audit": audit}

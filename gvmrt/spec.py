@@ -331,11 +331,19 @@ class Hooks(_Strict):
         return self
 
 
+class Dns(_Strict):
+    """gvm.dns: how the jail's DNS stub treats names (spec/policy.md, DNS)."""
+
+    unknown_delay_ms: int = Field(300, ge=0, le=60_000)
+    tunnel_threshold: int = Field(20, ge=2, le=100_000)
+    tunnel_delay_ms: int = Field(2000, ge=0, le=60_000)
+
+
 class Gvm(_Strict):
     """The `gvm` extension: governance settings (spec/bundle.md, spec/policy.md).
 
     Its presence makes a bundle governed: its own network namespace whose only way out is the
-    sidecar (spec/policy.md). ``egress`` and ``credentials`` are specified and enforced; the other
+    sidecar (spec/policy.md). ``egress``, ``credentials`` and ``dns`` are specified and enforced; the other
     groups are reserved for later issues and accepted as any JSON object, not enforced yet (create
     says so).
     Any other key is refused like a typo.
@@ -343,7 +351,7 @@ class Gvm(_Strict):
 
     egress: Egress | None = None
     credentials: list[Credential] | None = None
-    dns: dict[str, Any] | None = Field(None, description="reserved, not enforced yet")
+    dns: Dns | None = None
     filesystem: dict[str, Any] | None = Field(None, description="reserved, not enforced yet")
     audit: dict[str, Any] | None = Field(None, description="reserved, not enforced yet")
 

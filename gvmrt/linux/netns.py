@@ -34,6 +34,9 @@ RTN_LOCAL = 2
 RTA_OIF, RTA_TABLE = 4, 15
 
 BACKLOG = 4096
+DNS_PORT = 53
+IP_PKTINFO = 8          # <linux/in.h>; the socket module lacks it
+IPV6_FREEBIND = 78      # <linux/in6.h>
 
 
 def _route_message(family: int, ifindex: int, seq: int) -> bytes:
@@ -87,7 +90,8 @@ def listeners(capture: list[int], proxy_port: int, ipv6: bool) -> list[tuple[str
     """The sidecar's listening sockets in this namespace: [(kind, port, socket)].
 
     kind "capture": every address on `port` ([::] dual-stack, or 0.0.0.0 without IPv6);
-    kind "proxy": the explicit proxy on 127.0.0.1:`proxy_port`.
+    kind "proxy": the explicit proxy on 127.0.0.1:`proxy_port`;
+    kinds "dns-udp" (one per family) and "dns-tcp": the DNS stub's, on every address, port 53.
     The caller passes them on and closes its copies: the jail must hold none (a listener left in
     the jail would let the agent accept its own connections, or keep a dead sidecar's port open).
     """
@@ -108,6 +112,27 @@ def listeners(capture: list[int], proxy_port: int, ipv6: bool) -> list[tuple[str
         out.append(("proxy", proxy_port, s))
         s.bind(("127.0.0.1", proxy_port))
         s.listen(BACKLOG)
+        # DNS, on every address like the rest: UDP per family, since a reply must come from the
+        # address the query went to (IP_PKTINFO / IPV6_PKTINFO; IPV6_FREEBIND lets the sidecar send
+        # from an IPv6 address that is local by route but on no interface), and TCP.
+        s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+        out.append(("dns-udp", DNS_PORT, s))
+        s.setsockopt(_socket.IPPROTO_IP, IP_PKTINFO, 1)
+        s.bind(("0.0.0.0", DNS_PORT))
+        if ipv6:
+            s = _socket.socket(_socket.AF_INET6, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+            out.append(("dns-udp", DNS_PORT, s))
+            s.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 1)
+            s.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_RECVPKTINFO, 1)
+            s.setsockopt(_socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+            s.bind(("::", DNS_PORT))
+        if DNS_PORT not in capture:
+            s = _socket.socket(_socket.AF_INET6 if ipv6 else _socket.AF_INET, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+            out.append(("dns-tcp", DNS_PORT, s))
+            if ipv6:
+                s.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 0)
+            s.bind(("::" if ipv6 else "0.0.0.0", DNS_PORT))
+            s.listen(BACKLOG)
     except OSError:
         for _, _, s in out:
             s.close()

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 from gvmrt.policy.canon import BadHost, canonical_host
 from gvmrt.policy.decision import Decision
 from gvmrt.policy.matcher import MAX_JSON_BODY, CompiledPolicy, Verdict
-from gvmrt.proxy import h1, sniff
+from gvmrt.proxy import dns, h1, sniff
 from gvmrt.proxy.audit import AuditError, AuditWriter, record_time
 from gvmrt.proxy.certs import CertificateAuthority, LeafCache
 from gvmrt.proxy.credentials import Credentials
@@ -115,9 +115,13 @@ class Sidecar:
     def __init__(self, policy: CompiledPolicy, ca: CertificateAuthority, audit: AuditWriter, *,
                  upstream_cafile: str | None = None, allow_private: Collection[str] = frozenset(),
                  resolve: Resolver | None = None, timeouts: Timeouts = Timeouts(), container: str = "",
-                 credentials: Credentials | None = None) -> None:
+                 credentials: Credentials | None = None, dns_conf: dict[str, int] | None = None) -> None:
         self.policy = policy
         self.credentials = credentials
+        conf = dns_conf or {}
+        self.dns_unknown_delay = conf.get("unknown_delay_ms", 300) / 1000
+        self.dns_tunnel_delay = conf.get("tunnel_delay_ms", 2000) / 1000
+        self.tunnelling = dns.Tunnelling(per_parent=conf.get("tunnel_threshold", 20))
         self.container = container
         self.leaves = LeafCache(ca)
         self.audit = audit
@@ -129,6 +133,85 @@ class Sidecar:
         self.tasks: set[asyncio.Task] = set()
         self.events = Events()
         self.approvals = Approvals(self.events)
+
+    # --- DNS -------------------------------------------------------------------------------
+
+    async def dns_query(self, msg: bytes, dst: str, transport: str) -> bytes | None:
+        """Answer one DNS query the jail sent to `dst`:53, and record it. None: drop it."""
+        ex = _Exchange(_request_id(), "DNS", dst, 53, "", container=self.container, mode=f"dns-{transport}")
+        try:
+            q = dns.parse(msg)
+        except dns.DNSError as exc:
+            ex.decision, ex.reason, ex.flagged, ex.status = "deny", f"malformed DNS query: {exc.reason}", True, \
+                exc.rcode if exc.rcode is not None else -1
+            await self._dns_record(ex)
+            return dns.error_reply(exc)
+        ex.host, ex.path = q.name, q.type_name
+        status, rule, why = self._dns_status(q.name)
+        ex.rule = rule
+        if status == "denied":
+            ex.decision, ex.reason, ex.status, ex.flagged = "deny", why, dns.NXDOMAIN, True
+            await self._dns_record(ex)
+            return dns.answer(q, [], rcode=dns.NXDOMAIN)
+        tunnel = self.tunnelling.observe(q.name)
+        delay = self.dns_tunnel_delay if tunnel else self.dns_unknown_delay if status == "unknown" else 0.0
+        ex.decision = "delay" if delay else "allow"
+        ex.flagged = bool(tunnel) or status == "unknown"
+        ex.reason = "; ".join(r for r in (why, tunnel) if r)
+        if delay:
+            await asyncio.sleep(delay)
+        addresses: list[str] = []
+        rcode = dns.NOERROR
+        if q.qtype in (dns.A, dns.AAAA) and q.name:
+            try:
+                addresses = await self.pool.resolve_name(q.name)
+            except OSError:
+                rcode = dns.NXDOMAIN
+        ex.status = rcode
+        await self._dns_record(ex)
+        return dns.answer(q, addresses, rcode=rcode)
+
+    def _dns_status(self, name: str) -> tuple[str, str | None, str]:
+        """("known" | "unknown" | "denied", rule id, why) for a name, from the policy's host index."""
+        try:
+            host = canonical_host(name)
+        except BadHost:
+            return "unknown", None, "name the policy cannot name"
+        cands = self.policy.candidates(host)
+        if not cands:
+            if self.policy.default.action == "deny":
+                return "denied", None, "no rule covers this name and the default is deny"
+            return "unknown", None, "no rule covers this name"
+        flat = [c for c in cands if c.decision.action == "deny" and c.methods is None and c.ports is None
+                and c.path_match is None and c.query is None and c.json_fields is None]
+        if len(flat) == len(cands):
+            return "denied", flat[0].id, f"rule {flat[0].id!r} denies every request to this name"
+        return "known", cands[0].id, ""
+
+    async def _dns_record(self, ex: _Exchange) -> None:
+        with contextlib.suppress(AuditError):
+            await self._write_entry(ex.entry(), sync=ex.decision != "allow")
+
+    async def dns_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """DNS over TCP (RFC 7766): two-byte length, message; several per connection."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        dst = _unmapped(writer.get_extra_info("sockname")[0])
+        try:
+            while True:
+                async with asyncio.timeout(self.timeouts.client_idle):
+                    size = int.from_bytes(await reader.readexactly(2), "big")
+                    msg = await reader.readexactly(size)
+                reply = await self.dns_query(msg, dst, "tcp")
+                if reply is None:
+                    return
+                await self._send(writer, len(reply).to_bytes(2, "big") + reply)
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            pass
+        finally:
+            writer.close()
 
     def reload(self, policy: CompiledPolicy, allow_private: Collection[str]) -> None:
         """Swap the policy: one reference assignment on the loop's thread, so a request is decided

@@ -176,6 +176,11 @@ class Pool:
             up.close()
         return None
 
+    async def resolve_name(self, name: str) -> list[str]:
+        """The sidecar's own answer for a name (static or looked up), for the jail's DNS stub."""
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            return await self._resolve(name, 0)
+
     async def connect(self, key: Key) -> Upstream:
         """A fresh connection: resolve by name, refuse non-public addresses, then dial (TLS for https)."""
         scheme, host, port = key

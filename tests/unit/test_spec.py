@@ -203,9 +203,10 @@ def test_governed_process_gets_proxy_and_trust_variables_that_replace_its_own() 
 
 
 def test_gvm_reserved_sections_are_accepted_and_noticed_as_not_enforced() -> None:
-    plan, warnings = check(raw_of(governed(dns={"anything": 1}, filesystem={}, audit={})))
+    plan, warnings = check(raw_of(governed(dns={"unknown_delay_ms": 50}, filesystem={}, audit={})))
     assert plan["gvm"]["egress"] == {}
-    assert warnings == ["gvm.{audit,dns,filesystem} not enforced by this gvmrt version (egress is)"]
+    assert warnings == ["gvm.{audit,filesystem} not enforced by this gvmrt version (egress is)"]
+    assert plan["gvm"]["dns"] == {"unknown_delay_ms": 50, "tunnel_threshold": 20, "tunnel_delay_ms": 2000}
 
 
 def test_empty_gvm_is_governed_by_the_default_policy_and_absent_gvm_is_plain() -> None:
@@ -220,6 +221,7 @@ def test_empty_gvm_is_governed_by_the_default_policy_and_absent_gvm_is_plain() -
     ({"egres": {}}, "/gvm/egres", "not a field gvmrt knows"),
     ([], "/gvm", "valid dictionary"),
     ({"dns": []}, "/gvm/dns", "valid dictionary"),
+    ({"dns": {"unknown_delay": 5}}, "/gvm/dns/unknown_delay", "not a field"),
     ({"egress": []}, "/gvm/egress", "valid dictionary"),
 ])
 def test_gvm_shape_is_checked(gvm: Any, pointer: str, message: str) -> None:
