@@ -214,6 +214,17 @@ class Credential(_Scope):
     inject: Inject
     env: str | None = Field(None, max_length=128)
     placeholder: str | None = Field(None, min_length=8, max_length=256)
+    # More headers to take out of the agent's requests to these hosts (e.g. "Cookie"), besides
+    # Authorization, Proxy-Authorization, X-Api-Key, Api-Key, X-Auth-Token and `inject.header`.
+    strip: list[str] | None = None
+
+    @field_validator("strip")
+    @classmethod
+    def _strip(cls, names: list[str] | None) -> list[str] | None:
+        for i, n in enumerate(names or ()):
+            if not _METHOD.fullmatch(n):
+                raise _At((i,), f"{n!r} is not an HTTP header name")
+        return names
 
     @field_validator("env")
     @classmethod

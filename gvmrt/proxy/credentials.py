@@ -34,6 +34,7 @@ class _Cred:
     header: bytes
     value: bytes
     placeholder: bytes
+    strip: frozenset[bytes]
 
     def covers(self, host: str) -> bool:
         return any(h == "*" or h == host or (h.startswith("*.") and host.endswith(h[1:])) for h in self.hosts)
@@ -62,7 +63,8 @@ class Credentials:
                 re.compile("|".join(f"(?:{glob_to_regex(g)})" for g in paths)).fullmatch if paths else None,
                 c["inject"]["header"].encode("ascii"),
                 c["inject"].get("format", "{secret}").replace("{secret}", secret).encode("latin-1"),
-                c["placeholder"].encode("ascii")))
+                c["placeholder"].encode("ascii"),
+                frozenset(n.lower().encode("ascii") for n in c.get("strip") or ())))
 
     def __bool__(self) -> bool:
         return bool(self.creds)
@@ -81,7 +83,7 @@ class Credentials:
         covering = [c for c in self.creds if c.covers(host)]
         if not covering:
             return headers, None
-        strip = STRIPPED | {c.header.lower() for c in covering}
+        strip = STRIPPED.union(*(c.strip | {c.header.lower()} for c in covering))
         out = tuple((n, v) for n, v in headers if n.lower() not in strip)
         for cred in covering:
             if cred.in_scope(method, host, target):

@@ -8,7 +8,7 @@ DECL = [{"name": "gh", "inject": {"header": "Authorization", "format": "token {s
          "hosts": ["api.github.com", "*.githubusercontent.com"], "methods": ["GET"], "paths": ["/repos/**"],
          "placeholder": "gvmrt-placeholder-gh"},
         {"name": "key", "inject": {"header": "X-Api-Key"}, "hosts": ["api.example.com"],
-         "placeholder": "gvmrt-placeholder-key"}]
+         "placeholder": "gvmrt-placeholder-key", "strip": ["Cookie"]}]
 C = Credentials(DECL, {"gh": "ghp_real", "key": "k-real"})
 
 
@@ -49,3 +49,10 @@ def test_placeholder_outside_its_scope_is_misuse() -> None:
 
 def test_no_credentials_is_falsy() -> None:
     assert not Credentials([], {})
+
+
+def test_configured_extra_headers_are_stripped_too() -> None:
+    headers = ((b"Cookie", b"session=agent"), (b"Accept", b"*/*"))
+    out, _ = C.apply("GET", "api.example.com", "/", headers)
+    assert (b"Cookie", b"session=agent") not in out and (b"Accept", b"*/*") in out
+    assert C.apply("GET", "api.github.com", "/repos/x", headers)[0][:2] == headers, "only where configured"
