@@ -175,6 +175,12 @@ class Client:
             yield json.loads(line)
 
     def close(self) -> None:
+        # Shut down first: a thread blocked reading the stream holds the buffered file's lock, and
+        # only the end of the stream lets it go (closing the file alone would wait forever).
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.file.close()
         self.sock.close()
 

@@ -204,41 +204,73 @@ def deny(
 
 
 def _interactive(sdir: str, st: dict[str, Any], for_s: int | None) -> None:
+    """Ask about each held request as it arrives, until stdin ends, ^C, or the sidecar goes away.
+
+    The event stream is read by a thread; this one waits on it and on stdin together, so the end
+    of input is noticed even while nothing is held (answers typed ahead are kept for the next
+    prompt)."""
+    import queue
+    import select
+    import threading
+    from collections import deque
+
     from gvmrt.control import ControlError
     client = _client(sdir, st, timeout=10)
     stream = client.subscribe()
+    held: queue.Queue = queue.Queue()
+    typed: deque[str] = deque()
     asked: set[str] = set()
 
-    def ask(h: dict[str, Any]) -> None:
+    def pump() -> None:
+        try:
+            for e in stream:
+                if e.get("event") == "held":
+                    held.put(e)
+        except (OSError, ValueError, ControlError):
+            pass
+        held.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+
+    def ask(h: dict[str, Any]) -> bool:
         if h["request_id"] in asked:
-            return
+            return True
         asked.add(h["request_id"])
         sys.stdout.write(f"{h['method']} {h['host']}:{h['port']}{h['path']} (rule {h['rule'] or '-'}, "
-                         f"body {h['body_bytes'] if h['body_bytes'] is not None else '-'} B) "
-                         f"approve? [y/N] ")
+                         f"body {h['body_bytes'] if h['body_bytes'] is not None else '-'} B) approve? [y/N] ")
         sys.stdout.flush()
-        answer = sys.stdin.readline()
+        answer = typed.popleft() if typed else sys.stdin.readline()
         if not answer:
-            raise KeyboardInterrupt
+            return False
         yes = answer.strip().lower() in ("y", "yes")
         try:
             reply = _call(sdir, st, op="approve" if yes else "deny", request_id=h["request_id"],
                           **({"for_s": for_s} if yes and for_s else {}))
-            print(reply["message"])
+            print(reply["message"], flush=True)
         except GvmrtError as exc:
-            print(f"not answered: {exc}")
+            print(f"not answered: {exc}", flush=True)
+        return True
 
     try:
         for h in _call(sdir, st, op="pending")["pending"]:
-            ask(h)
-        for e in stream:
-            if e.get("event") == "held":
-                ask(e)
-    except (KeyboardInterrupt, ControlError):
+            if not ask(h):
+                return
+        while True:
+            try:
+                h = held.get(timeout=0.2)
+            except queue.Empty:
+                if select.select([sys.stdin], [], [], 0)[0]:
+                    line = sys.stdin.readline()
+                    if not line:
+                        return          # end of input: nothing more will be answered
+                    typed.append(line)
+                continue
+            if h is None or not ask(h):
+                return
+    except KeyboardInterrupt:
         pass
     finally:
         client.close()
-
 
 def update(
     cid: str = typer.Argument(..., metavar="ID", help="container id"),
