@@ -11,7 +11,8 @@ Requests and replies (every reply has "ok", and "error" when it is false):
     {"op": "pending"}                                  -> {"ok": true, "pending": [held request, ...]}
     {"op": "approve", "request_id": ID, "for_s": N?}   -> {"ok": true, "message": "..."}
     {"op": "deny", "request_id": ID}                   -> {"ok": true, "message": "..."}
-    {"op": "reload", "egress": POLICY}                 -> {"ok": true, "old": SHA256, "new": SHA256, "warnings": [...]}
+    {"op": "reload", "egress_json": TEXT}              -> {"ok": true, "old": SHA256, "new": SHA256, "warnings": [...]}
+                                                          (TEXT: the policy as canonical JSON, validated by the CLI)
     {"op": "events"}                                   -> {"ok": true}, then one {"event": ...} per line
                                                           ("decision" records, "held" requests) until
                                                           the client closes
@@ -28,7 +29,7 @@ from typing import Any, Iterator
 __all__ = ["SOCKET", "Client", "ControlError", "serve", "bind"]
 
 SOCKET = "control.sock"
-MAX_LINE = 64 * 1024
+MAX_LINE = 16 << 20     # one request or reply; a reload carries a whole policy (10,000 rules ~ 1 MB)
 
 
 class ControlError(Exception):
@@ -69,7 +70,7 @@ def bind(directory: str) -> socket.socket:
 
 async def serve(listener: socket.socket, sidecar: Any, owner: int, reload: Any = None) -> Any:
     """Serve the control socket for `sidecar` (a gvmrt.proxy.server.Sidecar); returns the server.
-    `reload(egress_json, uid) -> reply` applies a new policy (the monitor's, which knows the rest)."""
+    `reload(policy_text, uid) -> reply` applies a new policy (the monitor's, which knows the rest)."""
     import asyncio
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -80,7 +81,14 @@ async def serve(listener: socket.socket, sidecar: Any, owner: int, reload: Any =
             if uid not in (owner, 0):
                 await _reply(writer, {"ok": False, "error": f"uid {uid} may not control this container"})
                 return
-            while line := await reader.readline():
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:      # longer than MAX_LINE
+                    await _reply(writer, {"ok": False, "error": f"request longer than {MAX_LINE} bytes"})
+                    return
+                if not line:
+                    return
                 try:
                     msg = json.loads(line)
                     if not isinstance(msg, dict):
@@ -96,7 +104,7 @@ async def serve(listener: socket.socket, sidecar: Any, owner: int, reload: Any =
                     ok, text = sidecar.approvals.answer(msg.get("request_id"), op == "approve", uid, for_s)
                     await _reply(writer, {"ok": ok, "message": text} if ok else {"ok": False, "error": text})
                 elif op == "reload":
-                    reply = reload(msg.get("egress"), uid)
+                    reply = reload(msg.get("egress_json"), uid)
                     await _reply(writer, reply)
                 elif op == "events":
                     await _stream(reader, writer, sidecar)

@@ -133,10 +133,17 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
     current = {"sha256": policy_hash(egress)}
     captured = set(conf.get("capture") or ())
 
-    def reload(new: Any, uid: int) -> dict[str, Any]:
-        """Swap in a policy `gvmrt update` validated; recorded in the log with both hashes."""
+    def reload(text: Any, uid: int) -> dict[str, Any]:
+        """Swap in a policy `gvmrt update` validated; recorded in the log with both hashes (of the
+        canonical JSON text applied)."""
+        import hashlib
+        import json
+        try:
+            new = json.loads(text) if isinstance(text, str) else None
+        except ValueError:
+            new = None
         if not isinstance(new, dict):
-            return {"ok": False, "error": "reload needs the egress policy as a JSON object"}
+            return {"ok": False, "error": "reload needs the egress policy as JSON text of an object"}
         if new.get("upstream_ca") != egress.get("upstream_ca"):
             return {"ok": False, "error": "upstream_ca cannot change while the container runs (its trust is "
                                           "built at start); recreate the container"}
@@ -144,7 +151,7 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
             compiled = CompiledPolicy.from_json(new, watch=True if conf.get("watch") else None)
         except (KeyError, TypeError, ValueError) as exc:   # validated by the CLI; belt and braces
             return {"ok": False, "error": f"the policy does not compile: {exc}; the old one stays"}
-        old_sha, new_sha = current["sha256"], policy_hash(new)
+        old_sha, new_sha = current["sha256"], hashlib.sha256(text.encode()).hexdigest()
         entry = {"time": record_time(), "container": conf["id"], "event": "reload", "old_sha256": old_sha,
                  "new_sha256": new_sha, "by_uid": uid, "rules": len(new.get("rules") or ())}
         try:

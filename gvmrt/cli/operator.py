@@ -306,7 +306,11 @@ def update(
     from gvmrt.policy.model import parse_egress
     model = parse_egress(data, path, base)
     CompiledPolicy.compile(model)            # what the sidecar will do with it, checked here first
-    reply = _call(sdir, st, op="reload", egress=model.model_dump(mode="json", by_alias=True, exclude_unset=True))
+    # Sent as canonical JSON text (sorted keys, no spaces): the monitor applies exactly this text
+    # and records its SHA-256, without serialising the policy again.
+    text = json.dumps(model.model_dump(mode="json", by_alias=True, exclude_unset=True), sort_keys=True,
+                      separators=(",", ":"))
+    reply = _call(sdir, st, op="reload", egress_json=text)
     for w in reply.get("warnings") or ():
         sys.stderr.write(f"gvmrt: note: {w}\n")
     print(f"policy of {st['id']} reloaded: {reply['old'][:12]} -> {reply['new'][:12]}")

@@ -269,6 +269,10 @@ time.sleep(60)
     assert "policy reloaded" in gv.ok("events", "rl").out
     # Re-reading the bundle's own config puts its policy back.
     assert "reloaded" in gv.ok("update", "rl", "--from-bundle").out
+    # A big policy travels in one control request (it once stopped at the 64 KiB line limit).
+    big = [{"id": f"r{i}", "hosts": [f"svc{i}.example"], "decision": {"action": "allow"}} for i in range(3000)]
+    new_policy.write_text(json.dumps({**keep, "rules": big}))
+    assert "reloaded" in gv.ok("update", "rl", "--policy", str(new_policy)).out
     new_policy.write_text(json.dumps({"rules": []}))          # drops upstream_ca: not while running
     refused = gv("update", "rl", "--policy", str(new_policy))
     assert refused.rc == 1 and "upstream_ca cannot change" in refused.err
