@@ -37,7 +37,7 @@ def call(what: str, url: str, body: dict | None = None) -> None:
         text = detail.get("reason") or detail.get("message") or text
     except ValueError:
         pass
-    print(f"  {what:<44} {str(status):>4}  {decision or '-':<10} {ms:6.0f} ms  {text[:70]}", flush=True)
+    print(f"  {what:<44} {str(status):>4}  {decision or '-':<10} {ms:6.0f} ms  {text[:80]}", flush=True)
 
 
 def direct(what: str, address: str, port: int, sni: str | None) -> None:
@@ -68,11 +68,13 @@ def main() -> None:
     port = urlsplit(base).port or 443
     print(f"agent: proxy {os.environ.get('HTTPS_PROXY')}, trusting {os.environ.get('SSL_CERT_FILE')}")
     print("  through the proxy variables (urllib):          status decision     time  answer")
+    print(f"agent: my API key is {os.environ.get('DEMO_API_KEY')!r}")
     call("GET  /v1/models             (allowed)", f"{base}/v1/models")
     call("POST /v1/chat model=small   (allowed)", f"{base}/v1/chat", {"model": "small", "messages": []})
     call("POST /v1/chat model=huge    (denied)", f"{base}/v1/chat", {"model": "huge", "messages": []})
     call("GET  /admin/users           (denied)", f"{base}/admin/users")
     call("GET  /a/%2e%2e/admin/users  (encoded)", f"{base}/a/%2e%2e/admin/users")
+    call("POST /v1/deploy             (approval)", f"{base}/v1/deploy", {"service": "web"})
     call("GET  unknown host           (caution)", f"https://unknown.demo.test:{port}/hello")
     call("GET  cloud metadata         (SSRF)", "http://169.254.169.254/latest/meta-data/")
     print("  ignoring the proxy variables:")

@@ -5,10 +5,14 @@ and writes that CA to the bundle (upstream-ca.pem, named by gvm.egress.upstream_
 sidecar verifies the upstream as it would verify a public one.
 
     upstream.py BUNDLE_DIR PORT     (runs until killed; prints "ready" once listening)
+
+The API key it expects is $DEMO_API_KEY: the demo gives it to gvmrt (GVMRT_SECRET_DEMO_API), never
+to the agent, which holds a placeholder and still gets through.
 """
 
 import datetime
 import json
+import os
 import ssl
 import sys
 import tempfile
@@ -47,6 +51,9 @@ def make_certs(names: list[str]) -> tuple[bytes, bytes, bytes]:
     return pem(ca), pem(leaf), key_pem
 
 
+API_KEY = os.environ.get("DEMO_API_KEY", "")
+
+
 class API(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -58,14 +65,21 @@ class API(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _key(self) -> str:
+        got = self.headers.get("Authorization", "")
+        return "the real API key" if got == f"Bearer {API_KEY}" else f"no valid key ({got[:30] or 'none'})"
+
     def do_GET(self) -> None:
         if self.path == "/v1/models":
-            self._answer(200, {"message": "models: small, huge", "host": self.headers.get("Host")})
+            self._answer(200, {"message": f"models: small, huge; the API saw {self._key()}"})
         else:
             self._answer(200, {"message": f"hello from {self.headers.get('Host')}{self.path}"})
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        if self.path == "/v1/deploy":
+            self._answer(200, {"message": f"deployed {body.get('service')}"})
+            return
         self._answer(200, {"message": f"chat answered by model {body.get('model')}"})
 
     def log_message(self, *args: object) -> None:
