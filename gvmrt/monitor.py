@@ -11,7 +11,9 @@ through a pidfd) or `gvmrt delete` stops it.
     monitor ─────► create: {"serving": true}
 
 The monitor holds the only copies of the jail's listening sockets, so if it dies the jail's
-ports 80, 443 and 3128 refuse connections: no network at all (fail closed).
+ports 80, 443, 3128 and 53 refuse connections (UDP 53 goes unanswered): no network at all
+(fail closed). It also serves the container's control socket (gvmrt.control: events, approvals,
+reload) and, for root's containers, runs as nobody once its files are open.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ READY_TIMEOUT = 30
 def spawn(conf: dict[str, Any]) -> tuple[int, Any]:
     """Fork the monitor; returns (pid, create's end of its socket). The child never returns.
 
-    conf: id, egress (the plan's JSON), watch, ca_dir, audit, log, upstream_ca (absolute or None).
+    conf: id, egress (the plan's JSON), watch, ca_dir, audit, log, upstream_ca (absolute or None),
+    state_dir, owner, capture, credentials, secrets (only ever in memory), dns.
     """
     parent, child = process.sync_pair()
     pid = os.fork()
@@ -183,7 +186,6 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
-        # (loop is passed to _serve_udp below)
         stop = asyncio.Event()
         loop.add_reader(pidfd, stop.set)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -197,7 +199,7 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
             elif kind == "dns-tcp" or (kind == "capture" and port == 53):
                 servers.append(await asyncio.start_server(sidecar.dns_tcp, sock=listener, limit=64 * 1024))
             elif kind == "dns-udp":
-                _serve_udp(loop, listener, sidecar, tasks)
+                _serve_udp(loop, listener, sidecar)
             else:
                 tasks.append(asyncio.ensure_future(accept_loop(listener)))
         await stop.wait()
@@ -243,7 +245,7 @@ def policy_hash(egress: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(egress, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _serve_udp(loop: Any, sock: Any, sidecar: Any, tasks: list[Any]) -> None:
+def _serve_udp(loop: Any, sock: Any, sidecar: Any) -> None:
     """The jail's UDP DNS: each query answered from the address it was sent to (PKTINFO)."""
     import asyncio
     import socket
