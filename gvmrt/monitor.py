@@ -132,6 +132,8 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
                       credentials=creds, dns_conf=conf.get("dns"))
     sidecar.pool.tls_context()   # now (~20 ms, off create's path): it reads the upstream CA file
     _drop_privileges()
+    from gvmrt.proxy.server import tune_gc
+    tune_gc()
 
     current = {"sha256": policy_hash(egress)}
     captured = set(conf.get("capture") or ())

@@ -52,7 +52,7 @@ def proxy(
     from gvmrt.policy.model import Egress
     from gvmrt.proxy.audit import AuditWriter
     from gvmrt.proxy.certs import CertificateAuthority
-    from gvmrt.proxy.server import serve
+    from gvmrt.proxy.server import serve, tune_gc
     from gvmrt.spec import parse_config
     from gvmrt.statedir import StateRoot
 
@@ -123,6 +123,7 @@ def proxy(
             except asyncio.CancelledError:
                 pass
 
+        tune_gc()
         try:
             asyncio.run(main())
         except OSError as exc:
