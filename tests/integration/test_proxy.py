@@ -131,7 +131,8 @@ class Upstream:
 # --- the sidecar in a background event loop ---------------------------------------------------
 
 class Proxy:
-    def __init__(self, policy: CompiledPolicy, ca: CertificateAuthority, audit: AuditWriter, cafile: str) -> None:
+    def __init__(self, policy: CompiledPolicy, ca: CertificateAuthority, audit: AuditWriter, cafile: str,
+                 timeouts: Timeouts = Timeouts(client_idle=TIMEOUT, read=TIMEOUT, write=TIMEOUT)) -> None:
         self.loop = asyncio.new_event_loop()
         self.bound: list[tuple[str, int]] = []
         ready = threading.Event()
@@ -152,7 +153,7 @@ class Proxy:
             self.task = asyncio.current_task()
             runner = asyncio.create_task(serve(("127.0.0.1", 0), policy, ca, audit, upstream_cafile=cafile,
                                                allow_private=PRIVATE_OK, ready=started, resolve=resolve,
-                                               timeouts=Timeouts(client_idle=TIMEOUT, read=TIMEOUT, write=TIMEOUT),
+                                               timeouts=timeouts,
                                                bound=self.bound))
             await started.wait()
             ready.set()
@@ -596,3 +597,69 @@ def test_chunked_request_body_is_reframed(proxy: Proxy, client_ctx: ssl.SSLConte
     finally:
         conn.close()
     assert resp.status == 200 and body["body"] == "alpha beta gamma"
+
+
+# --- timeouts on every read (issue 3) ------------------------------------------------------------
+
+SHORT = 0.5
+
+
+@pytest.fixture(scope="module")
+def short_proxy(gvm_ca: CertificateAuthority, upstream_ca: tuple[CertificateAuthority, str],
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    writer = AuditWriter(tmp_path_factory.mktemp("short") / "audit.jsonl")
+    p = Proxy(CompiledPolicy.compile(parse_egress(EGRESS)), gvm_ca, writer, upstream_ca[1],
+              timeouts=Timeouts(client_idle=SHORT, read=SHORT, write=SHORT, tls_handshake=SHORT))
+    yield p
+    p.close()
+    writer.close()
+
+
+def _closed_within(sock: socket.socket, limit: float) -> float:
+    """Seconds until the proxy closes `sock` (reading whatever it answers first)."""
+    start = time.monotonic()
+    sock.settimeout(limit)
+    while sock.recv(4096):
+        pass
+    return time.monotonic() - start
+
+
+def test_an_idle_client_is_closed_after_client_idle(short_proxy: Proxy) -> None:
+    with socket.create_connection((short_proxy.host, short_proxy.port)) as sock:
+        took = _closed_within(sock, 5)
+    assert SHORT <= took < SHORT + 1.5
+
+
+def test_a_head_that_never_ends_is_cut(short_proxy: Proxy) -> None:
+    with socket.create_connection((short_proxy.host, short_proxy.port)) as sock:
+        sock.sendall(b"GET http://api.test/ HTTP/1.1\r\nHost: api.test\r\nX-Slow: ")
+        took = _closed_within(sock, 5)
+    assert took < SHORT + 1.5
+
+
+def test_a_body_that_stalls_is_cut(short_proxy: Proxy, http_upstream: Upstream) -> None:
+    with socket.create_connection((short_proxy.host, short_proxy.port)) as sock:
+        sock.sendall(b"POST http://plain.test:%d/x HTTP/1.1\r\nHost: plain.test\r\nContent-Length: 10\r\n\r\nabc"
+                     % http_upstream.port)
+        took = _closed_within(sock, 5)
+    assert took < SHORT + 1.5
+
+
+def test_an_upstream_that_never_answers_gets_504(short_proxy: Proxy) -> None:
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    t = threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True)
+    t.start()
+    try:
+        conn = http.client.HTTPConnection(short_proxy.host, short_proxy.port, timeout=5)
+        start = time.monotonic()
+        resp, body = get(conn, f"http://plain.test:{silent.getsockname()[1]}/never")
+        took = time.monotonic() - start
+        conn.close()
+    finally:
+        t.join(5)
+        for c in accepted:
+            c.close()
+        silent.close()
+    assert resp.status == 504 and took < SHORT + 1.5
+    assert json.loads(body)["decision"] == "allow" and "TimeoutError" in json.loads(body)["reason"]
