@@ -80,7 +80,9 @@ def _line(e: dict[str, Any]) -> str:
     if e.get("event") == "held":
         return (f"{'':23} {e['method']} {e['host']}:{e['port']}{e['path']}  rule={e['rule'] or '-'}  HELD "
                 f"{e['request_id']} (answer within {e['timeout_s']} s: gvmrt approve|deny)")
-    return (f"{e.get('time', ''):<24} {e.get('method', '')} {e.get('host', '')}:{e.get('port', '')}{e.get('path', '')}"
+    target = (f"{e.get('host', '')} {e.get('path', '')}" if e.get("method") == "DNS"
+              else f"{e.get('host', '')}:{e.get('port', '')}{e.get('path', '')}")
+    return (f"{e.get('time', ''):<24} {e.get('method', '')} {target}"
             f"  rule={e.get('rule') or '-'}  {e.get('decision', '')}  {e.get('status', '')}"
             + ("  flagged" if e.get("flagged") else ""))
 

@@ -96,3 +96,7 @@ emit(what="still-up", **query("api.test"))
     assert tunnel and all(e["flagged"] for e in tunnel)
     assert sum(1 for e in lines if "malformed DNS query" in e["reason"]) == 4
     assert {e["mode"] for e in lines} == {"dns-udp", "dns-tcp"}
+
+    # gvmrt events shows the queries readably: "DNS <name> <type>".
+    shown = agent.gv.ok("events", "dns", "--decision", "deny").out
+    assert "DNS x.evil.test A  rule=no-evil  deny  3" in shown, shown
