@@ -620,7 +620,9 @@ class Sidecar:
             up.close()
             return False
         keep = head.keep_alive
-        r_headers = h1.strip_hop_by_hop(response.headers)
+        # The X-Gvm-* headers the agent sees are the sidecar's alone: an upstream cannot add its own.
+        r_headers = tuple((n, v) for n, v in h1.strip_hop_by_hop(response.headers)
+                          if not n.lower().startswith(b"x-gvm-"))
         reframe = response.body in (h1.BodyKind.CHUNKED, h1.BodyKind.UNTIL_CLOSE)
         if reframe:
             if head.version == b"1.1":

@@ -72,6 +72,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             for _ in range(BIG // len(BIG_BLOCK)):
                 self.wfile.write(BIG_BLOCK)
             return
+        if self.path == "/spoof":
+            body = b"spoof"
+            self.send_response(200)
+            self.send_header("X-Gvm-Decision", "allow")
+            self.send_header("x-gvm-request-id", "0000000000000000")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if self.path == "/chunked":
             self.send_response(200)
             self.send_header("Transfer-Encoding", "chunked")
@@ -663,3 +672,15 @@ def test_an_upstream_that_never_answers_gets_504(short_proxy: Proxy) -> None:
         silent.close()
     assert resp.status == 504 and took < SHORT + 1.5
     assert json.loads(body)["decision"] == "allow" and "TimeoutError" in json.loads(body)["reason"]
+
+
+def test_an_upstream_cannot_speak_for_the_sidecar(proxy: Proxy, http_upstream: Upstream) -> None:
+    conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=TIMEOUT)
+    try:
+        resp, body = get(conn, f"http://plain.test:{http_upstream.port}/spoof")
+    finally:
+        conn.close()
+    assert body == b"spoof"
+    assert resp.headers.get_all("X-Gvm-Decision") == ["allow"]
+    ids = resp.headers.get_all("X-Gvm-Request-Id")
+    assert len(ids) == 1 and ids[0] != "0000000000000000"
