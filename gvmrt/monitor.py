@@ -73,10 +73,12 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
     # In the order the jail needs things: the init waits for the CA, so cryptography first; the
     # rest is imported while the init sets up, and asyncio only once `create` has been answered
     # (the listeners queue connections meanwhile).
-    from gvmrt.proxy.certs import CertificateAuthority
-    ca = CertificateAuthority.create(f"gvmrt {conf['id']}")
-    ca.save(conf["ca_dir"])
-    process.send(sock, ca=ca.cert_pem.decode())
+    ca = None
+    if not conf.get("ca_pooled"):
+        from gvmrt.proxy.certs import CertificateAuthority
+        ca = CertificateAuthority.create(f"gvmrt {conf['id']}")
+        ca.save(conf["ca_dir"])
+        process.send(sock, ca=ca.cert_pem.decode())
 
     import resource
     import socket
@@ -124,6 +126,9 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
         from gvmrt.proxy.upstream import default_resolve
         return await default_resolve(host, port)
 
+    if ca is None:
+        from gvmrt.proxy.certs import CertificateAuthority
+        ca = CertificateAuthority.load(conf["ca_dir"])    # create claimed it from the pool
     from gvmrt.proxy.credentials import Credentials
     creds = Credentials(conf.get("credentials") or [], conf.get("secrets") or {})
     conf.pop("secrets", None)
@@ -131,6 +136,11 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
                       allow_private=egress.get("allow_private") or (), resolve=resolve, container=conf["id"],
                       credentials=creds, dns_conf=conf.get("dns"))
     sidecar.pool.tls_context()   # now (~20 ms, off create's path): it reads the upstream CA file
+    try:
+        from gvmrt import capool
+        capool.refill()           # the next governed create will not wait for a CA
+    except Exception as exc:  # noqa: BLE001 - an optimisation: never a reason not to serve
+        os.write(2, f"gvmrt monitor: CA pool: {exc}\n".encode())
     _drop_privileges()
     from gvmrt.proxy.server import tune_gc
     tune_gc()

@@ -271,6 +271,7 @@ class Runtime:
         }
         parent = child = mon = None
         init_pid = mon_pid = 0
+        ca_pem: str | None = None
         fds: list[int] = []
         try:
             write_json_atomic(os.path.join(sdir, "state.json"), st)
@@ -298,8 +299,11 @@ class Runtime:
             if gvm is not None:
                 # Forked before the init, so its imports and the CA overlap the jail's setup.
                 from gvmrt import monitor
+                from gvmrt import capool
                 ca_dir = os.path.join(data, "ca")
-                os.mkdir(ca_dir, 0o700)
+                ca_pem = capool.claim(ca_dir)      # a ready CA: the init need not wait for one
+                if ca_pem is None:
+                    os.mkdir(ca_dir, 0o700)
                 audit = self.root.audit_path(cid)
                 os.makedirs(os.path.dirname(audit), mode=0o700, exist_ok=True)
                 _set_aside(audit)
@@ -307,7 +311,8 @@ class Runtime:
                     "id": cid, "egress": gvm["egress"], "watch": watch, "ca_dir": ca_dir, "audit": audit,
                     "log": os.path.join(sdir, "sidecar.log"), "upstream_ca": upstream_ca,
                     "state_dir": sdir, "owner": uid, "capture": gvm["capture"],
-                    "credentials": gvm["credentials"], "secrets": secrets, "dns": gvm["dns"]})
+                    "credentials": gvm["credentials"], "secrets": secrets, "dns": gvm["dns"],
+                    "ca_pooled": ca_pem is not None})
                 secrets = {}
                 ctx["gvm"] = gvm
                 st["sidecar"] = {"pid": mon_pid, "audit": audit}
@@ -323,7 +328,7 @@ class Runtime:
                     console.close()
             child.close()
             child = None
-            init_pid, ready = self._handshake(parent, mid, new_userns, uid_maps, gid_maps, uid, mon)
+            init_pid, ready = self._handshake(parent, mid, new_userns, uid_maps, gid_maps, uid, mon, ca_pem)
             fds = ready.get("fds", [])
             if mon is not None:
                 # The listeners go on to the monitor; ours are closed so that it holds the only copies.
@@ -372,7 +377,8 @@ class Runtime:
         return oci_state(st, CREATED)
 
     def _handshake(self, sock: Any, mid: int, new_userns: bool, uid_maps: list[list[int]],
-                   gid_maps: list[list[int]], uid: int, mon: Any) -> tuple[int, dict[str, Any]]:
+                   gid_maps: list[list[int]], uid: int, mon: Any, ca_pem: str | None = None
+                   ) -> tuple[int, dict[str, Any]]:
         """Drive the intermediate and the init to "ready"; returns (init pid, the ready message)."""
         from gvmrt.linux import process
         init_pid = 0
@@ -384,8 +390,9 @@ class Runtime:
                 process.write_id_maps(mid, uid_maps, gid_maps, deny_setgroups=uid != 0)
                 process.send(sock, mapped=True)
             if mon is not None:
-                # The init waits for the CA (the monitor made it meanwhile) before its network setup.
-                process.send(sock, ca=_recv_sidecar(mon)["ca"])
+                # The init waits for the CA before it mounts the overlay: a pooled one at once, else
+                # the one the monitor is making meanwhile.
+                process.send(sock, ca=ca_pem if ca_pem is not None else _recv_sidecar(mon)["ca"])
             ready: dict[str, Any] | None = None
             # Two senders share the socket (the intermediate says which pid the init got, the init
             # says it is ready), so the two messages may come in either order.
@@ -762,15 +769,11 @@ def _wait_gone(st: dict[str, Any], cid: str, timeout: float = 10) -> None:
 
 
 def _stop_sidecar(side: dict[str, Any], cid: str) -> None:
-    """The monitor exits by itself once the init is gone; give it a moment to flush its audit log,
-    then make sure (SIGTERM, then SIGKILL)."""
+    """Stop the monitor once the container is gone: SIGTERM (it closes its listeners and log;
+    every record is already written, each before its answer), then SIGKILL if it lingers. Not
+    waiting for it to notice the init's exit by itself: it may still be starting up."""
     st = {"pid": side.get("pid"), "pid_start": side.get("pid_start")}
-    if not st["pid"] or not _alive(st):
-        _reap(st["pid"])
-        return
-    try:
-        _wait_gone(st, cid, timeout=2)
-    except GvmrtError:
+    if st["pid"] and _alive(st):
         _send_signal(st["pid"], _signal.SIGTERM, st["pid_start"])
         try:
             _wait_gone(st, cid, timeout=3)

@@ -599,13 +599,12 @@ def test_state_cleanup_and_processes_of_a_governed_container(agent_env: Any, ups
     deadline = time.monotonic() + 10
     while True:
         with open(f"/proc/{side['pid']}/status") as f:
-            uid = int(next(line for line in f if line.startswith("Uid:")).split()[1])
-        if uid == (gv.uid or 65534) or time.monotonic() > deadline:
+            status = dict(line.split(":", 1) for line in f)
+        uid, nnp = int(status["Uid"].split()[0]), status["NoNewPrivs"].strip()
+        if (uid, nnp) == (gv.uid or 65534, "1") or time.monotonic() > deadline:
             break
         time.sleep(0.02)
-    assert uid == (gv.uid or 65534)
-    with open(f"/proc/{side['pid']}/status") as f:
-        assert next(line for line in f if line.startswith("NoNewPrivs:")).split()[1] == "1"
+    assert (uid, nnp) == (gv.uid or 65534, "1")
     # Beside the container, not above it: the init's parent is not the monitor.
     with open(f"/proc/{state['pid']}/stat") as f:
         ppid = int(f.read().rsplit(")", 1)[1].split()[1])
@@ -659,3 +658,25 @@ def test_a_new_container_of_the_same_id_starts_a_new_log_and_keeps_the_old(rootl
     assert len(agent.audit("again")) == 1
     logs = sorted(p.name for p in (agent.gv.data_root / "audit" / agent.gv.container_dir("again").parent.name).iterdir())
     assert len(logs) == 2 and logs[-1] == "again.jsonl" and logs[0].startswith("again.2"), logs
+
+
+def test_a_governed_create_takes_a_ready_ca_from_the_pool(rootless_agent: Any, upstream: Upstream) -> None:
+    agent = rootless_agent([ALLOW_API])
+    gv = agent.gv
+    pool = gv.data_root / "ca-pool"
+    agent._with_args(["sleep", "30"])
+    gv.ok("create", "--bundle", str(agent.bundle), "p1")     # its monitor fills the pool once it serves
+    deadline = time.monotonic() + 10
+    while not (pool.exists() and len([n for n in os.listdir(pool) if not n.startswith(".")]) >= 2):
+        assert time.monotonic() < deadline, "the pool was not filled"
+        time.sleep(0.05)
+    pooled = {(pool / n / "ca.pem").read_text() for n in os.listdir(pool) if not n.startswith(".")}
+    gv.ok("create", "--bundle", str(agent.bundle), "p2")
+    mine = (gv.container_dir("p2") / "ca" / "ca.pem").read_text()
+    assert mine in pooled, "p2's CA came from the pool"
+    assert mine != (gv.container_dir("p1") / "ca" / "ca.pem").read_text()
+    for cid in ("p1", "p2"):
+        gv.ok("delete", "--force", cid)
+    # And it is the CA the jail trusts: a request through p3 (also pooled) verifies.
+    out = agent.run(f'emit(**proxied("GET", "https://api.test:{upstream.https_port}/echo"))', cid="p3")
+    assert out[0]["status"] == 200
