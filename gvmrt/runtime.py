@@ -620,9 +620,11 @@ def _secrets(credentials: list[dict[str, Any]], cfg_path: str) -> dict[str, str]
                               f"\"{name}\": \"...\" to {path} (mode 0600)")
         out[name] = value
     for name, value in out.items():
-        if any(c in value for c in "\r\n\x00"):
-            raise ConfigError(cfg_path, "/gvm/credentials", f"the secret of credential {name!r} contains CR, LF "
-                                                            "or NUL; it cannot go into a header")
+        # An HTTP field value: visible ASCII, space and tab (RFC 9110 §5.5). Checked here, where
+        # the user can be told, not in the sidecar after create has said yes.
+        if not all(" " <= c <= "~" or c == "\t" for c in value):
+            raise ConfigError(cfg_path, "/gvm/credentials", f"the secret of credential {name!r} has characters "
+                                                            "a header cannot carry (only visible ASCII, space, tab)")
     return out
 
 

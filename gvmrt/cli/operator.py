@@ -73,7 +73,16 @@ def _check_id(request_id: str) -> str:
     return request_id
 
 
+def _printable(text: str) -> str:
+    """Nothing the agent chose may drive the operator's terminal (escape sequences, fake lines)."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
 def _line(e: dict[str, Any]) -> str:
+    return _printable(_raw_line(e))
+
+
+def _raw_line(e: dict[str, Any]) -> str:
     if e.get("event") == "reload":
         return (f"{e.get('time', ''):<24} policy reloaded by uid {e.get('by_uid')}: {e.get('old_sha256', '')[:12]} -> "
                 f"{e.get('new_sha256', '')[:12]} ({e.get('rules')} rules)")
@@ -136,19 +145,37 @@ def events(
         # printed once (by request id).
         client = _client(sdir, st, timeout=10)
         live = client.subscribe()
+    from gvmrt.proxy.audit import merge
     seen = set()
-    for e in _past(st["sidecar"]["audit"]):
-        seen.add((e.get("request_id"), e.get("time")))
+    waiting: dict[Any, dict[str, Any]] = {}     # forwarded requests whose outcome is still to come
+    for e in merge(_past(st["sidecar"]["audit"])):
+        seen.add(e.get("request_id"))
+        if e.get("record") == "decision" and e.get("status") is None and live is not None:
+            waiting[e.get("request_id")] = e    # in flight: shown when its outcome arrives
+            continue
         show(e)
     if live is None:
         return
     try:
         for e in live:
-            if e.get("event") == "decision" and (e.get("request_id"), e.get("time")) in seen:
-                continue
             if e.get("event") == "overflow":
                 raise GvmrtError("events: the sidecar dropped this subscription (too slow a reader); run it again")
-            show(e)
+            if e.get("event") != "decision":
+                show(e)
+                continue
+            rid = e.get("request_id")
+            if e.get("record") == "decision":
+                if rid in seen:
+                    continue
+                seen.add(rid)
+                if e.get("status") is None:
+                    waiting[rid] = e
+                    continue
+                show(e)
+            elif e.get("record") == "outcome":
+                dec = waiting.pop(rid, None)
+                if dec is not None:
+                    show(merge([dec, e])[0])
     except KeyboardInterrupt:
         pass
     finally:
@@ -238,8 +265,9 @@ def _interactive(sdir: str, st: dict[str, Any], for_s: int | None) -> None:
         if h["request_id"] in asked:
             return True
         asked.add(h["request_id"])
-        sys.stdout.write(f"{h['method']} {h['host']}:{h['port']}{h['path']} (rule {h['rule'] or '-'}, "
-                         f"body {h['body_bytes'] if h['body_bytes'] is not None else '-'} B) approve? [y/N] ")
+        sys.stdout.write(_printable(f"{h['method']} {h['host']}:{h['port']}{h['path']} (rule {h['rule'] or '-'}, "
+                                    f"body {h['body_bytes'] if h['body_bytes'] is not None else '-'} B)")
+                         + " approve? [y/N] ")
         sys.stdout.flush()
         answer = typed.popleft() if typed else sys.stdin.readline()
         if not answer:

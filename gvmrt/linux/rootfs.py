@@ -276,15 +276,44 @@ def install_ca(lower: str, upper: str, pem: bytes, ca_path: str) -> None:
     _write_upper(lower, upper, secure_join(lower, ca_path), pem)
     for bundle in TRUST_BUNDLES:
         path = secure_join(lower, bundle)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
+        data = _read_in_root(lower, path)
+        if data is None:
             continue
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BUNDLE:
-            continue
-        with open(path, "rb") as f:
-            data = f.read(MAX_BUNDLE)
         _write_upper(lower, upper, path, data + (b"" if data.endswith(b"\n") or not data else b"\n") + pem)
+
+
+def _read_in_root(root: str, resolved: str) -> bytes | None:
+    """A regular file's bytes at `resolved` (from secure_join), opened component by component with
+    O_NOFOLLOW from `root`: a rootfs that is swapped under us (a symlink put in place between the
+    check and the open) fails the open instead of leading it to a host file. None if not there."""
+    parts = [p for p in os.path.relpath(resolved, root).split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        return None
+    try:
+        dfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        for comp in parts[:-1]:
+            nfd = os.open(comp, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            os.close(dfd)
+            dfd = nfd
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return None
+    finally:
+        os.close(dfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BUNDLE:
+            return None
+        chunks, left = [], MAX_BUNDLE
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _write_upper(lower: str, upper: str, resolved: str, data: bytes) -> None:

@@ -72,3 +72,30 @@ class AuditWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def merge(records: Any) -> list[dict[str, Any]]:
+    """One dict per request from the log's records, in decision order: a forwarded request's
+    decision record completed by its outcome record (status, bytes, duration; reasons joined).
+    Records of other kinds (reloads) pass through. Readers use this; the log keeps both records."""
+    out: list[dict[str, Any]] = []
+    by_id: dict[Any, dict[str, Any]] = {}
+    for rec in records:
+        if rec.get("record") == "outcome":
+            dec = by_id.get(rec.get("request_id"))
+            if dec is None:
+                out.append(rec)                 # its decision is not in this file (rotated, torn)
+                continue
+            for key in ("status", "bytes_in", "bytes_out", "duration_ms"):
+                dec[key] = rec.get(key)
+            dec["flagged"] = bool(dec.get("flagged")) or bool(rec.get("flagged"))
+            if rec.get("reason"):
+                dec["reason"] = f"{dec['reason']}; {rec['reason']}" if dec.get("reason") else rec["reason"]
+            if rec.get("credential"):
+                dec["credential"] = rec["credential"]
+            continue
+        rec = dict(rec)
+        if rec.get("record") == "decision":
+            by_id[rec.get("request_id")] = rec
+        out.append(rec)
+    return out

@@ -22,7 +22,8 @@ from gvmrt.policy.matcher import glob_to_regex
 __all__ = ["Credentials", "STRIPPED"]
 
 # Headers that carry credentials by convention; plus each credential's own header.
-STRIPPED = frozenset({b"authorization", b"proxy-authorization", b"x-api-key", b"api-key", b"x-auth-token"})
+STRIPPED = frozenset({b"authorization", b"proxy-authorization", b"x-api-key", b"api-key", b"x-auth-token",
+                      b"x-http-method-override", b"x-http-method", b"x-method-override"})
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,9 @@ class _Cred:
     def covers(self, host: str) -> bool:
         return any(h == "*" or h == host or (h.startswith("*.") and host.endswith(h[1:])) for h in self.hosts)
 
-    def in_scope(self, method: str, host: str, target: str) -> bool:
-        if not self.covers(host) or (self.methods is not None and method not in self.methods):
+    def in_scope(self, method: str, host: str, target: str, scheme: str = "https") -> bool:
+        # Only ever over TLS: a secret on plain HTTP is readable by anyone on the path.
+        if scheme != "https" or not self.covers(host) or (self.methods is not None and method not in self.methods):
             return False
         if self.path_match is None:
             return True
@@ -69,23 +71,24 @@ class Credentials:
     def __bool__(self) -> bool:
         return bool(self.creds)
 
-    def misuse(self, method: str, host: str, target: str, headers: Any) -> str | None:
+    def misuse(self, method: str, host: str, target: str, headers: Any, scheme: str = "https") -> str | None:
         """Why a request that carries a placeholder out of its credential's scope is refused, or None."""
         for cred in self.creds:
-            if any(cred.placeholder in v for _, v in headers) and not cred.in_scope(method, host, target):
+            if any(cred.placeholder in v for _, v in headers) and not cred.in_scope(method, host, target, scheme):
                 return (f"the placeholder of credential {cred.name!r} was sent to {host} ({method} outside "
                         f"its scope); it is worth nothing there, and the attempt is recorded")
         return None
 
-    def apply(self, method: str, host: str, target: str, headers: tuple[tuple[bytes, bytes], ...]
-              ) -> tuple[tuple[tuple[bytes, bytes], ...], str | None]:
-        """(headers to send upstream, name of the credential injected or None)."""
+    def apply(self, method: str, host: str, target: str, headers: tuple[tuple[bytes, bytes], ...],
+              scheme: str = "https") -> tuple[tuple[tuple[bytes, bytes], ...], str | None]:
+        """(headers to send upstream, name of the credential injected or None). Method-override
+        headers are stripped too on covered hosts: they would widen a method-scoped credential."""
         covering = [c for c in self.creds if c.covers(host)]
         if not covering:
             return headers, None
         strip = STRIPPED.union(*(c.strip | {c.header.lower()} for c in covering))
         out = tuple((n, v) for n, v in headers if n.lower() not in strip)
         for cred in covering:
-            if cred.in_scope(method, host, target):
+            if cred.in_scope(method, host, target, scheme):
                 return out + ((cred.header, cred.value),), cred.name
         return out, None

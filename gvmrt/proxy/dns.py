@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import struct
 import time
-from collections import deque
 from dataclasses import dataclass
 
 __all__ = ["Query", "DNSError", "parse", "answer", "error_reply", "Tunnelling", "QTYPES",
@@ -22,6 +21,7 @@ A, AAAA, OPT = 1, 28, 41
 QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV",
           65: "HTTPS", 255: "ANY"}
 MAX_UDP = 512
+_LABEL_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 
 
 class DNSError(Exception):
@@ -73,6 +73,10 @@ def parse(msg: bytes) -> Query:
         total += n + 1
         if total > 254:
             raise DNSError(FORMERR, "name longer than 255 bytes", qid, msg[:12])
+        if not all(c in _LABEL_BYTES for c in label):
+            # Letters, digits, '-' and '_' only: a '.', NUL or control byte inside a label would
+            # reach resolvers, records and an operator's terminal as something else.
+            raise DNSError(FORMERR, "a label with bytes other than letters, digits, '-' and '_'", qid, msg[:12])
         labels.append(label)
         pos += n
     if pos + 4 > len(msg):
@@ -128,31 +132,45 @@ def error_reply(err: DNSError, q: Query | None = None) -> bytes | None:
 
 class Tunnelling:
     """Flags a burst of unique subdomains under one parent (DNS tunnelling, exfiltration through names),
-    or a flood of unique names overall, in a sliding window."""
+    or a flood of unique names overall, in a sliding window. Bounded: names and parents that left the
+    window are forgotten, and at most MAX_NAMES are tracked (beyond that, every new name is flagged)."""
+
+    MAX_NAMES = 50_000
 
     def __init__(self, per_parent: int = 20, overall: int = 200, window_s: float = 60.0) -> None:
         self.per_parent, self.overall, self.window = per_parent, overall, window_s
-        self.seen: dict[str, deque[tuple[float, str]]] = {}
-        self.all: deque[tuple[float, str]] = deque()
+        self.last_seen: dict[str, float] = {}          # name -> time, oldest first (re-inserted on sight)
+        self.parents: dict[str, int] = {}              # parent -> unique names in the window
 
     @staticmethod
     def parent(name: str) -> str:
         labels = name.split(".")
         return ".".join(labels[-2:]) if len(labels) > 2 else name
 
+    def _expire(self, now: float) -> None:
+        for name, t in list(self.last_seen.items()):
+            if t >= now - self.window:
+                break
+            del self.last_seen[name]
+            p = self.parent(name)
+            self.parents[p] -= 1
+            if not self.parents[p]:
+                del self.parents[p]
+
     def observe(self, name: str, now: float | None = None) -> str | None:
         """Why this query looks like tunnelling, or None."""
         now = time.monotonic() if now is None else now
+        self._expire(now)
         parent = self.parent(name)
-        q = self.seen.setdefault(parent, deque())
-        for dq in (q, self.all):
-            while dq and dq[0][0] < now - self.window:
-                dq.popleft()
-        if name not in {n for _, n in q}:
-            q.append((now, name))
-            self.all.append((now, name))
-        if len(q) > self.per_parent:
-            return f"{len(q)} unique names under {parent} within {self.window:.0f} s (tunnelling?)"
-        if len({n for _, n in self.all}) > self.overall:
+        if name in self.last_seen:
+            del self.last_seen[name]                   # keep the dict ordered by last sight
+        else:
+            if len(self.last_seen) >= self.MAX_NAMES:
+                return f"more than {self.MAX_NAMES} unique names within {self.window:.0f} s"
+            self.parents[parent] = self.parents.get(parent, 0) + 1
+        self.last_seen[name] = now
+        if self.parents[parent] > self.per_parent:
+            return f"{self.parents[parent]} unique names under {parent} within {self.window:.0f} s (tunnelling?)"
+        if len(self.last_seen) > self.overall:
             return f"more than {self.overall} unique names within {self.window:.0f} s"
         return None

@@ -76,6 +76,8 @@ class Approvals:
         try:
             return await asyncio.wait_for(asyncio.shield(held.future), held.timeout_s)
         except TimeoutError:
+            if held.future.done() and not held.future.cancelled():
+                return held.future.result()      # answered in the very moment the timeout fired
             self._done(held.request_id, "timed out")
             return Outcome(False, None, f"approval not given within {held.timeout_s} s")
         finally:

@@ -69,7 +69,7 @@ class _Exchange:
     rule: str | None = None
     decision: str = "deny"
     reason: str = ""
-    status: int = 0
+    status: int | None = 0
     bytes_out: int = 0             # request body bytes, agent -> upstream
     bytes_in: int | None = 0       # response body bytes, upstream -> agent (declared length when streamed)
     flagged: bool = False
@@ -77,15 +77,29 @@ class _Exchange:
     mode: str = "proxy"            # "proxy" (explicit), "transparent" (a captured port)
     approval: dict[str, Any] | None = None   # a held request: how it was answered
     credential: str | None = None            # the credential injected (its name, never its value)
+    decided: bool = False                    # its decision record is written (an outcome follows)
 
     def entry(self) -> dict[str, Any]:
+        """The decision record: everything known when the request was decided (and, for a request
+        answered by the sidecar itself, its status). A forwarded request's decision is written
+        before a byte of it goes upstream, with status null; `outcome()` follows it."""
         return {
-            "time": record_time(),
+            "time": record_time(), "record": "decision",
             "container": self.container, "mode": self.mode, "request_id": self.request_id, "method": self.method, "host": self.host, "port": self.port,
             "path": self.path, "rule": self.rule, "decision": self.decision, "reason": self.reason,
             "status": self.status, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "duration_ms": round((time.monotonic() - self.started) * 1000, 3), "flagged": self.flagged,
             **({"approval": self.approval} if self.approval is not None else {}),
+            **({"credential": self.credential} if self.credential is not None else {}),
+        }
+
+    def outcome(self, reason: str | None = None) -> dict[str, Any]:
+        """How a forwarded request ended: status (0 if the client went away), bytes, duration."""
+        return {
+            "time": record_time(), "record": "outcome", "container": self.container,
+            "request_id": self.request_id, "status": self.status, "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out, "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
+            "flagged": self.flagged, **({"reason": reason} if reason else {}),
             **({"credential": self.credential} if self.credential is not None else {}),
         }
 
@@ -154,7 +168,8 @@ class Sidecar:
         except dns.DNSError as exc:
             ex.decision, ex.reason, ex.flagged, ex.status = "deny", f"malformed DNS query: {exc.reason}", True, \
                 exc.rcode if exc.rcode is not None else -1
-            await self._dns_record(ex)
+            if not await self._dns_record(ex):
+                return None
             return dns.error_reply(exc)
         ex.host, ex.path = q.name, q.type_name
         status, rule, why = self._dns_status(q.name)
@@ -163,11 +178,16 @@ class Sidecar:
             ex.decision, ex.reason, ex.status, ex.flagged = "deny", why, dns.NXDOMAIN, True
             await self._dns_record(ex)
             return dns.answer(q, [], rcode=dns.NXDOMAIN)
+        ex.status = dns.NOERROR       # the answer's rcode is decided after the record; see the log's reason
         tunnel = self.tunnelling.observe(q.name)
         delay = self.dns_tunnel_delay if tunnel else self.dns_unknown_delay if status == "unknown" else 0.0
         ex.decision = "delay" if delay else "allow"
         ex.flagged = bool(tunnel) or status == "unknown"
         ex.reason = "; ".join(r for r in (why, tunnel) if r)
+        # Recorded before the name goes anywhere (the host's resolver included); a query that
+        # cannot be recorded is refused, not resolved (fail closed).
+        if not await self._dns_record(ex):
+            return dns.answer(q, [], rcode=dns.REFUSED)
         if delay:
             await asyncio.sleep(delay)
         addresses: list[str] = []
@@ -177,8 +197,8 @@ class Sidecar:
                 addresses = await self.pool.resolve_name(q.name)
             except OSError:
                 rcode = dns.NXDOMAIN
-        ex.status = rcode
-        await self._dns_record(ex)
+            except Exception:  # noqa: BLE001 - whatever the resolver makes of a name: no answer
+                rcode = dns.SERVFAIL
         return dns.answer(q, addresses, rcode=rcode)
 
     def _dns_status(self, name: str) -> tuple[str, str | None, str]:
@@ -198,9 +218,12 @@ class Sidecar:
             return "denied", flat[0].id, f"rule {flat[0].id!r} denies every request to this name"
         return "known", cands[0].id, ""
 
-    async def _dns_record(self, ex: _Exchange) -> None:
-        with contextlib.suppress(AuditError):
+    async def _dns_record(self, ex: _Exchange) -> bool:
+        try:
             await self._write_entry(ex.entry(), sync=ex.decision != "allow")
+        except AuditError:
+            return False
+        return True
 
     async def dns_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """DNS over TCP (RFC 7766): two-byte length, message; several per connection."""
@@ -280,9 +303,12 @@ class Sidecar:
             sock.setblocking(False)
             try:
                 first = await self._peek(sock)
-            except (TimeoutError, ConnectionError):
+            except (TimeoutError, ConnectionError) as exc:
+                await self._refused(address, port, "nothing sent within the read timeout"
+                                    if isinstance(exc, TimeoutError) else f"connection reset ({exc})")
                 return
             if not first:
+                await self._refused(address, port, "closed without sending anything")
                 return
             hello = sniff.classify(first)
             reader = asyncio.StreamReader(limit=READ_SIZE)
@@ -464,7 +490,7 @@ class Sidecar:
             path = (url.path or "/") + (f"?{url.query}" if url.query else "")
         ex = _Exchange(request_id, method, host, port, path, container=self.container, mode=mode)
         if problem is None and self.credentials:
-            problem = self.credentials.misuse(method.upper(), host, path, head.headers)
+            problem = self.credentials.misuse(method.upper(), host, path, head.headers, scheme)
 
         # Read a small body before deciding, so JSON body rules can see it (bounded: MAX_JSON_BODY).
         prefix: list[h1.Event] = []
@@ -524,10 +550,12 @@ class Sidecar:
                             extra=((b"X-Gvm-Decision", b"deny"), (b"X-Gvm-Request-Id", ex.request_id.encode())))
         return keep
 
-    async def _record(self, writer: asyncio.StreamWriter, ex: _Exchange, sync: bool) -> bool:
-        """Write the audit line; on failure answer 503 and return False (fail closed)."""
+    async def _record(self, writer: asyncio.StreamWriter, ex: _Exchange, sync: bool,
+                      reason: str | None = None) -> bool:
+        """Write the request's record (its decision, or, once that is written, its outcome); on
+        failure answer 503 and return False (fail closed)."""
         try:
-            await self._write_entry(ex.entry(), sync)
+            await self._write_entry(ex.outcome(reason) if ex.decided else ex.entry(), sync)
         except AuditError as exc:
             await self._respond(writer, 503, "Service Unavailable",
                                 json.dumps({"decision": "error", "reason": f"cannot record the request: {exc}",
@@ -535,6 +563,13 @@ class Sidecar:
                                 extra=((b"X-Gvm-Request-Id", ex.request_id.encode()),))
             return False
         return True
+
+    def _abandoned(self, ex: _Exchange, reason: str) -> None:
+        """Best effort, on the way out: the outcome of a forwarded request that ended without one."""
+        if ex.decided and ex.status is None:
+            ex.status, ex.flagged = 0, True
+            with contextlib.suppress(AuditError):
+                self.audit.write(ex.outcome(reason))
 
     async def _write_entry(self, entry: dict[str, Any], sync: bool) -> None:
         """The one way a record leaves: the audit log first, then live subscribers."""
@@ -565,7 +600,7 @@ class Sidecar:
         if self.credentials:
             # After the decision (only allowed requests get here): the agent's own credentials
             # never reach a covered host, the real one only a request in scope.
-            headers, ex.credential = self.credentials.apply(ex.method.upper(), ex.host, ex.path, headers)
+            headers, ex.credential = self.credentials.apply(ex.method.upper(), ex.host, ex.path, headers, scheme)
         headers = ((b"Host", authority.encode("ascii")),) + headers
         chunked = head.body is h1.BodyKind.CHUNKED
         if chunked:
@@ -573,6 +608,14 @@ class Sidecar:
         out_head = h1.serialize_request_head(
             h1.RequestHead(head.method, ex.path.encode("latin-1"), b"1.1", headers, True, head.body,
                            head.content_length), headers)
+        # The decision goes on record before anything of the request leaves (a name lookup
+        # included): a request that cannot be recorded is not forwarded, and one whose client
+        # goes away mid-body is still on record (its outcome says so).
+        ex.status = None                # not known until the upstream answers
+        if not await self._record(writer, ex, sync=ex.decision in ("delay", "require_approval")
+                                  or ex.approval is not None):
+            return False
+        ex.decided = True
         # One retry on a stale pooled connection (issue 3, trap 2): only when the request is
         # replayable, i.e. its body (if any) is still in hand.
         up: Upstream | None = self.pool.take_idle(key)
@@ -608,6 +651,7 @@ class Sidecar:
             # is in an unknown state, so it is closed rather than pooled.
             if up is not None:
                 up.close()
+            self._abandoned(ex, "the client went away before the upstream answered")
             raise
 
         # Relay the response, recording it first: if the line cannot be written, the agent gets
@@ -615,8 +659,7 @@ class Sidecar:
         ex.status = response.status
         ex.bytes_in = response.content_length if response.body is h1.BodyKind.LENGTH else (
             0 if response.body is h1.BodyKind.NONE else None)
-        sync = ex.decision in ("delay", "require_approval") or ex.approval is not None
-        if not await self._record(writer, ex, sync):
+        if not await self._record(writer, ex, sync=False):
             up.close()
             return False
         keep = head.keep_alive
@@ -702,7 +745,7 @@ class Sidecar:
                     head: h1.RequestHead, keep: bool) -> bool:
         ex.status, ex.reason = status, f"{ex.reason}; {reason}" if ex.reason else reason
         ex.flagged = True
-        if not await self._record(writer, ex, sync=True):
+        if not await self._record(writer, ex, sync=True, reason=reason):
             return False
         keep = keep and head.keep_alive
         payload = {"decision": ex.decision, "rule": ex.rule, "reason": reason, "request_id": ex.request_id}

@@ -246,8 +246,12 @@ class Agent:
         return [json.loads(line) for line in res.out.splitlines() if line.startswith("{")]
 
     def audit(self, cid: str) -> list[dict[str, Any]]:
-        path = self.gv.data_root / "audit" / self.gv.container_dir(cid).parent.name / f"{cid}.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()]
+        """The container's records, one per request (decision + outcome merged: gvmrt.proxy.audit.merge)."""
+        from gvmrt.proxy.audit import merge
+        return merge(json.loads(line) for line in self.records_path(cid).read_text().splitlines())
+
+    def records_path(self, cid: str) -> Path:
+        return self.gv.data_root / "audit" / self.gv.container_dir(cid).parent.name / f"{cid}.jsonl"
 
 
 @pytest.fixture

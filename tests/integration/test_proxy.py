@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from gvmrt.policy import CompiledPolicy, parse_egress
-from gvmrt.proxy.audit import AuditWriter
+from gvmrt.proxy.audit import AuditWriter, merge
 from gvmrt.proxy.certs import CertificateAuthority, LeafCache
 from gvmrt.proxy.server import Timeouts, serve
 from gvmrt.proxy.upstream import address_problem, default_resolve
@@ -262,8 +262,7 @@ def get(conn: http.client.HTTPConnection, target: str, **headers: str) -> tuple[
 
 
 def audit_line(path: Path, request_id: str) -> dict[str, Any]:
-    for line in path.read_text().splitlines():
-        entry = json.loads(line)
+    for entry in merge(json.loads(line) for line in path.read_text().splitlines()):
         if entry["request_id"] == request_id:
             return entry
     raise AssertionError(f"no audit line for {request_id}")
@@ -521,12 +520,15 @@ def test_audit_unwritable_fails_closed(gvm_ca: CertificateAuthority, upstream_ca
     writer = AuditWriter("/dev/full")
     p = Proxy(CompiledPolicy.compile(parse_egress(EGRESS)), gvm_ca, writer, upstream_ca[1])
     try:
+        before = http_upstream.connections
         conn = http.client.HTTPConnection(p.host, p.port, timeout=TIMEOUT)
         try:
             resp, raw = get(conn, f"http://plain.test:{http_upstream.port}/x")
             assert resp.status == 503 and "cannot record" in json.loads(raw)["reason"]
         finally:
             conn.close()
+        # Not forwarded, not even dialled: an allowed request that cannot be recorded goes nowhere.
+        assert http_upstream.connections == before
         conn = http.client.HTTPConnection(p.host, p.port, timeout=TIMEOUT)
         try:
             resp, raw = get(conn, f"http://plain.test:{http_upstream.port}/admin")
@@ -684,3 +686,26 @@ def test_an_upstream_cannot_speak_for_the_sidecar(proxy: Proxy, http_upstream: U
     assert resp.headers.get_all("X-Gvm-Decision") == ["allow"]
     ids = resp.headers.get_all("X-Gvm-Request-Id")
     assert len(ids) == 1 and ids[0] != "0000000000000000"
+
+
+def test_an_upload_the_client_abandons_is_on_record(proxy: Proxy, http_upstream: Upstream, audit_path: Path) -> None:
+    # Bigger than what is buffered for JSON rules, so it is streamed: the decision was written
+    # before the first byte went upstream, and the outcome says the client went away.
+    with socket.create_connection((proxy.host, proxy.port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"POST http://plain.test:%d/abandoned-upload HTTP/1.1\r\nHost: plain.test\r\n"
+                     b"Content-Length: 200000\r\n\r\n" % http_upstream.port + b"x" * 100_000)
+        time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while True:
+        records = [json.loads(line) for line in audit_path.read_text().splitlines()]
+        mine = [r for r in records if r.get("path") == "/abandoned-upload" or
+                (r.get("record") == "outcome" and any(d.get("path") == "/abandoned-upload" and d["request_id"] == r["request_id"]
+                                                      for d in records))]
+        if len(mine) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(mine) == 2, mine
+    decision, outcome = mine
+    assert decision["record"] == "decision" and decision["decision"] == "allow" and decision["status"] is None
+    assert outcome["record"] == "outcome" and outcome["status"] == 0 and "went away" in outcome["reason"]
+    assert outcome["flagged"] and outcome["bytes_out"] > 0

@@ -56,3 +56,10 @@ def test_configured_extra_headers_are_stripped_too() -> None:
     out, _ = C.apply("GET", "api.example.com", "/", headers)
     assert (b"Cookie", b"session=agent") not in out and (b"Accept", b"*/*") in out
     assert C.apply("GET", "api.github.com", "/repos/x", headers)[0][:2] == headers, "only where configured"
+
+
+def test_never_over_plain_http_and_method_overrides_are_stripped() -> None:
+    out, name = C.apply("GET", "api.github.com", "/repos/x", ((b"X-HTTP-Method-Override", b"DELETE"),), "http")
+    assert (out, name) == ((), None)
+    assert C.misuse("GET", "api.github.com", "/repos/x", ((b"Authorization", b"token gvmrt-placeholder-gh"),),
+                    "http") is not None

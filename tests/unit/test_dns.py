@@ -79,3 +79,23 @@ def test_tunnelling_burst_per_parent_in_a_window() -> None:
     assert t.observe("x0.exfil.example", now=5) is not None, "still within the window"
     assert t.observe("fresh.exfil.example", now=100) is None, "the window moved on"
     assert all(t.observe("same.other.example", now=200 + i) is None for i in range(50)), "repeats are not unique"
+
+
+@pytest.mark.parametrize("label", [b"a.b", b"a\x00b", b"\x1b]0;pwned\x07", b"a b", b"caf\xc3\xa9"])
+def test_labels_with_other_bytes_are_refused(label: bytes) -> None:
+    msg = struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0) + bytes([len(label)]) + label + b"\x04test\x00" + \
+        struct.pack("!HH", 1, 1)
+    with pytest.raises(dns.DNSError) as info:
+        dns.parse(msg)
+    assert info.value.rcode == dns.FORMERR
+
+
+def test_tunnelling_memory_is_bounded() -> None:
+    t = dns.Tunnelling(per_parent=10**9, overall=10**9, window_s=10)
+    t.MAX_NAMES = 100
+    for i in range(100):
+        t.observe(f"n{i}.p{i}.example", now=0)
+    assert t.observe("one-more.example", now=1) is not None, "beyond the bound: flagged, not stored"
+    assert len(t.last_seen) == 100 and len(t.parents) == 100
+    t.observe("late.example", now=100)           # the window moved on: everything old is forgotten
+    assert list(t.last_seen) == ["late.example"] and t.parents == {"late.example": 1}

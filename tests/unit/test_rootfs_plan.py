@@ -308,3 +308,20 @@ def test_escaped_lowerdirs_split_back() -> None:
             i += 1
     parts.append(cur)
     assert parts == lowers
+
+
+def test_trust_bundle_read_never_follows_a_symlink_out(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """install_ca reads the rootfs's trust bundle component by component with O_NOFOLLOW (a rootfs
+    swapped under us must not lead the read to a host file that then lands in the jail)."""
+    from gvmrt.linux.rootfs import _read_in_root
+    root = tmp_path / "root"
+    (root / "etc" / "ssl").mkdir(parents=True)
+    (root / "etc" / "ssl" / "cert.pem").write_bytes(b"CA\n")
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"host only")
+    (root / "etc" / "link.pem").symlink_to(secret)
+    (root / "etc" / "dirlink").symlink_to(tmp_path)
+    assert _read_in_root(str(root), str(root / "etc" / "ssl" / "cert.pem")) == b"CA\n"
+    assert _read_in_root(str(root), str(root / "etc" / "link.pem")) is None
+    assert _read_in_root(str(root), str(root / "etc" / "dirlink" / "host-secret")) is None
+    assert _read_in_root(str(root), str(root / "etc" / "missing.pem")) is None
