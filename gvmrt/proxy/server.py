@@ -24,6 +24,7 @@ import asyncio.sslproto
 import contextlib
 import itertools
 import json
+import os
 import secrets
 import socket
 import ssl
@@ -157,6 +158,7 @@ class Sidecar:
         self.tasks: set[asyncio.Task] = set()
         self.events = Events()
         self.approvals = Approvals(self.events)
+        self._outcomes: list[dict[str, Any]] = []
 
     # --- DNS -------------------------------------------------------------------------------
 
@@ -260,6 +262,8 @@ class Sidecar:
             t.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self._outcomes:
+            self._flush_outcomes()
         for writer in self.pool.close():
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1):
@@ -564,6 +568,23 @@ class Sidecar:
             return False
         return True
 
+    def _outcome_later(self, ex: _Exchange) -> None:
+        self._outcomes.append(ex.outcome())
+        if len(self._outcomes) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_outcomes)
+
+    def _flush_outcomes(self) -> None:
+        entries, self._outcomes = self._outcomes, []
+        try:
+            self.audit.write_many(entries)
+        except AuditError as exc:
+            # The decisions are on record; the next one that cannot be written refuses its request.
+            with contextlib.suppress(OSError):
+                os.write(2, f"gvmrt sidecar: outcome records lost: {exc}\n".encode())
+        if self.events.subscribers:
+            for entry in entries:
+                self.events.publish({"event": "decision", **entry})
+
     def _abandoned(self, ex: _Exchange, reason: str) -> None:
         """Best effort, on the way out: the outcome of a forwarded request that ended without one."""
         if ex.decided and ex.status is None:
@@ -659,9 +680,9 @@ class Sidecar:
         ex.status = response.status
         ex.bytes_in = response.content_length if response.body is h1.BodyKind.LENGTH else (
             0 if response.body is h1.BodyKind.NONE else None)
-        if not await self._record(writer, ex, sync=False):
-            up.close()
-            return False
+        # The outcome gates nothing (the decision is on record already): written with the other
+        # outcomes of this loop iteration in one append.
+        self._outcome_later(ex)
         keep = head.keep_alive
         # The X-Gvm-* headers the agent sees are the sidecar's alone: an upstream cannot add its own.
         r_headers = tuple((n, v) for n, v in h1.strip_hop_by_hop(response.headers)
