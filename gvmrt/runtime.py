@@ -316,6 +316,11 @@ class Runtime:
                 secrets = {}
                 ctx["gvm"] = gvm
                 st["sidecar"] = {"pid": mon_pid, "audit": audit}
+                mon_start = _starttime(mon_pid)
+                st["sidecar"]["pid_start"] = mon_start[0] if mon_start else 0
+                # On record at once: if this create is killed from here on, delete --force finds
+                # the monitor and stops it before removing the dirs it may still be writing.
+                write_json_atomic(os.path.join(sdir, "state.json"), st)
             ctx["fifo_fd"] = fifo_fd = os.open(fifo, os.O_PATH | os.O_CLOEXEC)
             console = _connect_console(console_socket) if console_socket else None
             ctx["console_fd"] = console.fileno() if console else -1
@@ -339,8 +344,6 @@ class Runtime:
                 msg = _recv_sidecar(mon)
                 if not msg.get("serving"):
                     raise GvmrtError(f"sidecar: unexpected answer {msg!r}")
-                mon_start = _starttime(mon_pid)
-                st["sidecar"]["pid_start"] = mon_start[0] if mon_start else 0
                 mon.close()
                 mon = None
             start = _starttime(init_pid)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 
 
 def _rmtree_fixing_modes(path: str) -> None:
@@ -48,8 +49,16 @@ def remove_tree(path: str, uid_maps: list[list[int]], gid_maps: list[list[int]])
     if not os.path.lexists(path):
         return
     try:
-        _rmtree_fixing_modes(path)
-        return
+        for attempt in range(5):
+            try:
+                _rmtree_fixing_modes(path)
+                return
+            except OSError as exc:
+                # A process of the container's that was still finishing (a monitor whose create
+                # was killed) may add a file between the listing and the rmdir: go round again.
+                if exc.errno != errno.ENOTEMPTY or attempt == 4:
+                    raise
+                time.sleep(0.05)
     except PermissionError:
         if os.getuid() == 0 or len(uid_maps) + len(gid_maps) <= 2:
             raise
