@@ -36,6 +36,11 @@ class ControlError(Exception):
     pass
 
 
+def policy_text(egress: Any) -> str:
+    """A policy's canonical JSON (sorted keys, no spaces): what a reload sends, applies and hashes."""
+    return json.dumps(egress, sort_keys=True, separators=(",", ":"))
+
+
 def _short(directory: str) -> tuple[str, int]:
     """A path to `directory`/control.sock short enough for sun_path (108 bytes), through an O_PATH fd."""
     fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)

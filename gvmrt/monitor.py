@@ -251,10 +251,11 @@ def _drop_privileges() -> None:
 
 
 def policy_hash(egress: dict[str, Any]) -> str:
-    """SHA-256 of the policy's canonical JSON (sorted keys, no spaces): what a reload records."""
+    """SHA-256 of the policy's canonical JSON text (gvmrt.control.policy_text): what a reload records."""
     import hashlib
-    import json
-    return hashlib.sha256(json.dumps(egress, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    from gvmrt.control import policy_text
+    return hashlib.sha256(policy_text(egress).encode()).hexdigest()
 
 
 def _serve_udp(loop: Any, sock: Any, sidecar: Any) -> None:

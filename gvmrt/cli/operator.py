@@ -302,6 +302,7 @@ def _interactive(sdir: str, st: dict[str, Any], for_s: int | None) -> None:
     finally:
         client.close()
 
+
 def update(
     cid: str = typer.Argument(..., metavar="ID", help="container id"),
     policy: Optional[str] = typer.Option(None, "--policy", help="a JSON file with the new gvm.egress policy "
@@ -338,8 +339,8 @@ def update(
     CompiledPolicy.compile(model)            # what the sidecar will do with it, checked here first
     # Sent as canonical JSON text (sorted keys, no spaces): the monitor applies exactly this text
     # and records its SHA-256, without serialising the policy again.
-    text = json.dumps(model.model_dump(mode="json", by_alias=True, exclude_unset=True), sort_keys=True,
-                      separators=(",", ":"))
+    from gvmrt.control import policy_text
+    text = policy_text(model.model_dump(mode="json", by_alias=True, exclude_unset=True))
     reply = _call(sdir, st, op="reload", egress_json=text)
     for w in reply.get("warnings") or ():
         sys.stderr.write(f"gvmrt: note: {w}\n")

@@ -241,13 +241,19 @@ class Credential(_Scope):
         return p
 
 
-def credential_names_unique(creds: list[Credential]) -> list[Credential]:
+def _unique(items: list[Any], field: str, message: str) -> list[Any]:
+    """Refuse a repeated `field` value: `message` is formatted with the value and the first index."""
     seen: dict[str, int] = {}
-    for i, c in enumerate(creds):
-        if c.name in seen:
-            raise _At((i, "name"), f"credential {c.name!r} is already declared at {seen[c.name]}; names must be unique")
-        seen[c.name] = i
-    return creds
+    for i, item in enumerate(items):
+        value = getattr(item, field)
+        if value in seen:
+            raise _At((i, field), message.format(value=value, first=seen[value]))
+        seen[value] = i
+    return items
+
+
+def credential_names_unique(creds: list[Credential]) -> list[Credential]:
+    return _unique(creds, "name", "credential {value!r} is already declared at {first}; names must be unique")
 
 
 class Egress(_Strict):
@@ -309,12 +315,7 @@ class Egress(_Strict):
     @classmethod
     def _unique_ids(cls, rules: list[Rule]) -> list[Rule]:
         # Audit entries name rules by id, so an id must mean one rule.
-        seen: dict[str, int] = {}
-        for i, rule in enumerate(rules):
-            if rule.id in seen:
-                raise _At((i, "id"), f"rule id {rule.id!r} is already used by rule {seen[rule.id]}; ids must be unique")
-            seen[rule.id] = i
-        return rules
+        return _unique(rules, "id", "rule id {value!r} is already used by rule {first}; ids must be unique")
 
 
 # --- parsing -------------------------------------------------------------------------------------
