@@ -14,6 +14,7 @@ Requests and replies (every reply has "ok", and "error" when it is false):
     {"op": "reload", "egress_json": TEXT}              -> {"ok": true, "old": SHA256, "new": SHA256, "warnings": [...]}
                                                           (TEXT: the policy as canonical JSON, validated by the CLI)
     {"op": "events"}                                   -> {"ok": true}, then one {"event": ...} per line
+    {"op": "lifecycle", "event": "started"}            -> {"ok": true} once the step is in the audit log
                                                           ("decision" records, "held" requests) until
                                                           the client closes
 """
@@ -73,9 +74,10 @@ def bind(directory: str) -> socket.socket:
 
 # --- the monitor's side ------------------------------------------------------------------------
 
-async def serve(listener: socket.socket, sidecar: Any, owner: int, reload: Any = None) -> Any:
+async def serve(listener: socket.socket, sidecar: Any, owner: int, reload: Any = None, lifecycle: Any = None) -> Any:
     """Serve the control socket for `sidecar` (a gvmrt.proxy.server.Sidecar); returns the server.
-    `reload(policy_text, uid) -> reply` applies a new policy (the monitor's, which knows the rest)."""
+    `await reload(policy_text, uid) -> reply` applies a new policy (the monitor's, which knows the
+    rest); `await lifecycle(event, uid) -> reply` records a lifecycle step (gvmrt start)."""
     import asyncio
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -109,14 +111,15 @@ async def serve(listener: socket.socket, sidecar: Any, owner: int, reload: Any =
                     ok, text = sidecar.approvals.answer(msg.get("request_id"), op == "approve", uid, for_s)
                     await _reply(writer, {"ok": ok, "message": text} if ok else {"ok": False, "error": text})
                 elif op == "reload":
-                    reply = reload(msg.get("egress_json"), uid)
-                    await _reply(writer, reply)
+                    await _reply(writer, await reload(msg.get("egress_json"), uid))
+                elif op == "lifecycle" and lifecycle is not None:
+                    await _reply(writer, await lifecycle(msg.get("event"), uid))
                 elif op == "events":
                     await _stream(reader, writer, sidecar)
                     return
                 else:
                     await _reply(writer, {"ok": False, "error": f"unknown op {op!r} (pending, approve, deny, events, "
-                                                                f"reload)"})
+                                                                f"reload, lifecycle)"})
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
         finally:

@@ -34,7 +34,8 @@ def spawn(conf: dict[str, Any]) -> tuple[int, Any]:
     """Fork the monitor; returns (pid, create's end of its socket). The child never returns.
 
     conf: id, egress (the plan's JSON), watch, ca_dir, audit, log, upstream_ca (absolute or None),
-    state_dir, owner, capture, credentials, secrets (only ever in memory), dns.
+    state_dir, owner, capture, credentials, secrets (only ever in memory), dns, audit_key (a private
+    key file or None), audit_max_bytes, bundle, config_sha256.
     """
     parent, child = process.sync_pair()
     pid = os.fork()
@@ -83,8 +84,8 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
     import resource
     import socket
 
+    from gvmrt.audit.writer import AuditError, AuditLog, open_segment, record_time
     from gvmrt.policy.matcher import CompiledPolicy
-    from gvmrt.proxy.audit import AuditWriter, record_time
     # Two sockets per proxied connection: take the whole hard limit we were given.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -106,7 +107,36 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
     except OSError:
         return 0  # the init is already gone
     # Everything that can fail for a reason the user should hear from `create` is done by now.
-    audit = AuditWriter(conf["audit"])
+    signer = None
+    if conf.get("audit_key"):
+        from gvmrt.audit.keys import load_private
+        signer = load_private(conf["audit_key"])
+    status_fd = os.open(os.path.join(conf["state_dir"], STATUS_FILE),
+                        os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+
+    def on_status(status: dict[str, Any]) -> None:
+        # What `gvmrt state` shows of the log (gvmrt.runtime.oci_state); pwrite, as the file was
+        # opened before the privileges went.
+        import json
+        data = json.dumps(status).encode()
+        try:
+            os.pwrite(status_fd, data, 0)
+            os.ftruncate(status_fd, len(data))
+        except OSError:
+            pass
+        if status.get("audit") != "ok":
+            os.write(2, f"gvmrt monitor {conf['id']}: {status.get('reason')}\n".encode())
+
+    # A root monitor runs as nobody, who may not create files in root's audit directory: the next
+    # segment file of a rotation comes from a helper that keeps root and does nothing else.
+    opener = _segment_keeper(conf["audit"]) if os.geteuid() == 0 else open_segment
+    audit = AuditLog(conf["audit"], container=conf["id"], signer=signer, opener=opener, on_status=on_status,
+                     max_segment_bytes=conf.get("audit_max_bytes") or MAX_SEGMENT_BYTES)
+    audit.append({"record": "lifecycle", "event": "created", "time": record_time(), "container": conf["id"],
+                  "bundle": conf.get("bundle"), "config_sha256": conf.get("config_sha256"),
+                  "policy_sha256": policy_hash(egress), "owner_uid": conf["owner"],
+                  "watch": bool(conf.get("watch"))})
+    on_status({"audit": "ok"})
     from gvmrt import control
     control_sock = control.bind(conf["state_dir"])
     process.send(sock, serving=True)
@@ -116,7 +146,8 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
     import signal
 
     from gvmrt.errors import GvmrtError
-    from gvmrt.proxy.server import Sidecar
+    from gvmrt.proxy.credentials import Credentials
+    from gvmrt.proxy.server import Sidecar, tune_gc
 
     statics = {host: list(addrs) for host, addrs in (egress.get("resolve") or {}).items()}
 
@@ -129,26 +160,45 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
     if ca is None:
         from gvmrt.proxy.certs import CertificateAuthority
         ca = CertificateAuthority.load(conf["ca_dir"])    # create claimed it from the pool
-    from gvmrt.proxy.credentials import Credentials
     creds = Credentials(conf.get("credentials") or [], conf.get("secrets") or {})
     conf.pop("secrets", None)
     sidecar = Sidecar(policy, ca, audit, upstream_cafile=conf.get("upstream_ca"),
                       allow_private=egress.get("allow_private") or (), resolve=resolve, container=conf["id"],
                       credentials=creds, dns_conf=conf.get("dns"))
-    sidecar.pool.tls_context()   # now (~20 ms, off create's path): it reads the upstream CA file
+    sidecar.pool.read_ca()       # now, with our rights; the context is built in a thread once serving
     try:
         from gvmrt import capool
         capool.refill()           # the next governed create will not wait for a CA
     except Exception as exc:  # noqa: BLE001 - an optimisation: never a reason not to serve
         os.write(2, f"gvmrt monitor: CA pool: {exc}\n".encode())
     _drop_privileges()
-    from gvmrt.proxy.server import tune_gc
     tune_gc()
 
     current = {"sha256": policy_hash(egress)}
     captured = set(conf.get("capture") or ())
 
-    def reload(text: Any, uid: int) -> dict[str, Any]:
+    async def lifecycle(event: str, uid: int) -> dict[str, Any]:
+        """A lifecycle step another gvmrt command reports: `gvmrt start`. The agent's listeners are
+        served only once its start is on record (serve() waits for `started`), so the record
+        precedes every request of the agent without `start` having to wait for us; a log that
+        cannot take it is retried, and the agent has no network meanwhile (fail closed)."""
+        if event != "started":
+            return {"ok": False, "error": f"unknown lifecycle event {event!r}"}
+        if started.is_set():
+            return {"ok": True, "message": "already started"}
+        entry = {"record": "lifecycle", "event": event, "time": record_time(), "container": conf["id"],
+                 "by_uid": uid}
+        while True:
+            try:
+                await audit.durable(audit.append(entry))
+                break
+            except AuditError:
+                await asyncio.sleep(1)
+        started.set()
+        sidecar.events.publish(dict(entry))
+        return {"ok": True}
+
+    async def reload(text: Any, uid: int) -> dict[str, Any]:
         """Swap in a policy `gvmrt update` validated; recorded in the log with both hashes (of the
         canonical JSON text applied)."""
         import hashlib
@@ -167,11 +217,11 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
         except (KeyError, TypeError, ValueError) as exc:   # validated by the CLI; belt and braces
             return {"ok": False, "error": f"the policy does not compile: {exc}; the old one stays"}
         old_sha, new_sha = current["sha256"], hashlib.sha256(text.encode()).hexdigest()
-        entry = {"time": record_time(), "container": conf["id"], "event": "reload", "old_sha256": old_sha,
-                 "new_sha256": new_sha, "by_uid": uid, "rules": len(new.get("rules") or ())}
+        entry = {"record": "lifecycle", "time": record_time(), "container": conf["id"], "event": "reload",
+                 "old_sha256": old_sha, "new_sha256": new_sha, "by_uid": uid, "rules": len(new.get("rules") or ())}
         try:
-            audit.write(entry, sync=True)        # a reload nobody can see did not happen
-        except Exception as exc:  # noqa: BLE001 - AuditError: refuse, keep the old policy
+            await audit.durable(audit.append(entry))    # a reload nobody can see did not happen
+        except AuditError as exc:
             return {"ok": False, "error": f"cannot record the reload: {exc}; the old policy stays"}
         sidecar.reload(compiled, new.get("allow_private") or ())
         statics.clear()
@@ -196,16 +246,31 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
                 continue
             asyncio.ensure_future(sidecar.captured(conn))
 
+    ended: dict[str, Any] = {}
+    started = asyncio.Event()
+
     async def serve() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        loop.add_reader(pidfd, stop.set)
+
+        def init_exited() -> None:
+            # Read its status now, while it is a zombie (gvmrt run waits for us before reaping).
+            ended.update(_exit_of(msg["init"]))
+            loop.remove_reader(pidfd)
+            stop.set()
+        loop.add_reader(pidfd, init_exited)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
         servers = []
         tasks = []
-        servers.append(await control.serve(control_sock, sidecar, conf["owner"], reload))
-        for kind, port, listener in listeners:
+        sidecar.start()
+        servers.append(await control.serve(control_sock, sidecar, conf["owner"], reload, lifecycle))
+        loop.run_in_executor(None, sidecar.pool.tls_context)     # ~20 ms, off the loop
+        # The agent cannot connect before `start` (its init waits on the exec FIFO); its first
+        # connections queue in the listeners' backlog until the start is on record.
+        go = asyncio.ensure_future(started.wait())
+        await asyncio.wait({go, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        for kind, port, listener in listeners if started.is_set() else ():
             if kind == "proxy":
                 servers.append(await asyncio.start_server(sidecar.handle, sock=listener, limit=64 * 1024))
             elif kind == "dns-tcp" or (kind == "capture" and port == 53):
@@ -220,6 +285,14 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
         for srv in servers:
             srv.close()
         await sidecar.shutdown()
+        # The last word: how the container ended, if it has (else `delete` stopped us first).
+        if not ended:
+            ended.update(_exit_of(msg["init"]))
+        entry = {"record": "lifecycle", "event": "stopped", "time": record_time(), "container": conf["id"], **ended}
+        try:
+            audit.append(entry)
+        except AuditError:
+            pass
 
     try:
         asyncio.run(serve())
@@ -228,12 +301,80 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
         return 1
     finally:
         audit.close()
+        on_status({"audit": "closed"})
         for _, _, listener in listeners:
             listener.close()
     return 0
 
 
 NOBODY = 65534
+STATUS_FILE = "sidecar.status"
+MAX_SEGMENT_BYTES = 64 * 1024 * 1024
+
+
+def _segment_keeper(path: str) -> Any:
+    """Fork a helper that keeps our (root's) rights for one thing: creating the next segment file
+    of the log `path` and handing back its descriptor. It takes a segment number and nothing else,
+    and ends when we do (EOF). Returns opener(path, n) -> fd for gvmrt.audit.writer.AuditLog."""
+    import socket
+    import struct
+
+    from gvmrt.audit.writer import open_segment
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            ours.close()
+            keep = theirs.fileno()
+            lsys.close_range(3, keep - 1)
+            lsys.close_range(keep + 1)
+            while True:
+                data = theirs.recv(32)
+                if not data:
+                    break
+                try:
+                    n = int(data)
+                    if n < 2:
+                        raise ValueError(n)
+                    fd = open_segment(path, n)
+                except (ValueError, OSError) as exc:
+                    theirs.send(f"error {getattr(exc, 'errno', 0) or 22}".encode())
+                    continue
+                theirs.sendmsg([b"ok"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+                os.close(fd)
+        except BaseException:  # noqa: BLE001 - nothing to report to: the log says the rest
+            code = 1
+        finally:
+            os._exit(code)
+    theirs.close()
+
+    def opener(_path: str, n: int) -> int:
+        ours.send(str(n).encode())
+        data, anc, _flags, _addr = ours.recvmsg(64, socket.CMSG_SPACE(4))
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                return struct.unpack("i", payload[:4])[0]
+        errno_ = int(data.split()[1]) if data.startswith(b"error ") else 5
+        raise OSError(errno_, os.strerror(errno_))
+    return opener
+
+
+def _exit_of(pid: int) -> dict[str, Any]:
+    """How the init ended, read from its zombie (/proc/PID/stat field 52, exit_code, as waitpid
+    encodes it): a monitor is not the init's parent and cannot wait for it. Gone already (its
+    parent reaped it first) or still running: said so."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return {"exit_status": None, "note": "the container was reaped before its monitor could read its status"}
+    if fields[0] != b"Z":
+        return {"exit_status": None, "note": "the monitor was stopped while the container ran"}
+    status = int(fields[49])        # field 52; fields[0] is field 3 (state)
+    if os.WIFSIGNALED(status):
+        return {"exit_status": 128 + os.WTERMSIG(status), "signal": os.WTERMSIG(status)}
+    return {"exit_status": os.WEXITSTATUS(status)}
 
 
 def _drop_privileges() -> None:

@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 # under older, laxer rules is never used (2: stricter JSON types, sysctl and bind-option checks;
 # 4: gvm is a validated model, the plan carries the compiled-checked egress policy, not raw gvm;
 # 5: "gvm" replaces "egress": the sidecar's listeners, CA path and the governed environment;
-# 6: the not-governed notice moved out of the plan's warnings; 7: gvm.credentials; 8: gvm.dns).
-PLAN_VERSION = 8
+# 6: the not-governed notice moved out of the plan's warnings; 7: gvm.credentials; 8: gvm.dns;
+# 9: gvm.audit).
+PLAN_VERSION = 9
 
 # runc's libcontainer/specconv mountFlags table: option → (clear?, flag).
 MOUNT_FLAGS: dict[str, tuple[bool, int]] = {
@@ -231,7 +232,7 @@ def _gvm(cfg: Any, ns_types: list[str], warnings: list[str]) -> dict[str, Any] |
         raise ConfigError("config.json", f"/linux/namespaces/{i}/path",
                           "a bundle with a gvm section cannot join an existing network namespace: traffic there "
                           "would bypass the sidecar; remove the path")
-    reserved = sorted(k for k in ("filesystem", "audit") if getattr(cfg.gvm, k) is not None)
+    reserved = sorted(k for k in ("filesystem",) if getattr(cfg.gvm, k) is not None)
     if reserved:
         warnings.append(f"gvm.{{{','.join(reserved)}}} not enforced by this gvmrt version (egress is)")
     egress = _egress(cfg)
@@ -248,6 +249,7 @@ def _gvm(cfg: Any, ns_types: list[str], warnings: list[str]) -> dict[str, Any] |
         "capture": sorted((ports | set(CAPTURED_PORTS)) - {PROXY_PORT}),
         "proxy_port": PROXY_PORT,
         "ca_path": CA_PATH,
+        "audit": cfg.gvm.audit.model_dump() if cfg.gvm.audit is not None else {},
     }
 
 

@@ -70,7 +70,7 @@ def status_of(st: dict[str, Any], sdir: str) -> str:
     return CREATED if os.path.exists(os.path.join(sdir, "exec.fifo")) else RUNNING
 
 
-def oci_state(st: dict[str, Any], status: str) -> dict[str, Any]:
+def oci_state(st: dict[str, Any], status: str, sdir: str | None = None) -> dict[str, Any]:
     out = {
         "ociVersion": OCI_VERSION,
         "id": st["id"],
@@ -90,6 +90,17 @@ def oci_state(st: dict[str, Any], status: str) -> dict[str, Any]:
         alive = _alive({"pid": side.get("pid"), "pid_start": side.get("pid_start")})
         out["sidecar"] = {"pid": side.get("pid", 0) if alive else 0, "status": "running" if alive else "stopped",
                           "audit": side.get("audit", "")}
+        if alive and sdir is not None:
+            # The monitor's word on its log (gvmrt.monitor.on_status): a failing log refuses requests.
+            try:
+                with open(os.path.join(sdir, "sidecar.status"), "rb") as f:
+                    from gvmrt import _json
+                    told = _json.loads(f.read(4096))
+                out["sidecar"]["audit_status"] = told.get("audit")
+                if told.get("reason"):
+                    out["sidecar"]["audit_error"] = told["reason"]
+            except (OSError, ValueError, AttributeError):
+                pass
     return out
 
 
@@ -186,7 +197,7 @@ class Runtime:
 
     def state(self, cid: str) -> dict[str, Any]:
         sdir, st = self._load(cid)
-        return oci_state(st, status_of(st, sdir))
+        return oci_state(st, status_of(st, sdir), sdir)
 
     def list(self) -> list[dict[str, Any]]:
         self.root.check()
@@ -307,7 +318,11 @@ class Runtime:
                 audit = self.root.audit_path(cid)
                 os.makedirs(os.path.dirname(audit), mode=0o700, exist_ok=True)
                 _set_aside(audit)
+                audit_key, audit_max = _audit_settings(gvm["audit"], bundle, cfg_path)
+                from _sha256 import sha256
                 mon_pid, mon = monitor.spawn({
+                    "audit_key": audit_key, "audit_max_bytes": audit_max, "bundle": bundle,
+                    "config_sha256": sha256(raw).hexdigest(),
                     "id": cid, "egress": gvm["egress"], "watch": watch, "ca_dir": ca_dir, "audit": audit,
                     "log": os.path.join(sdir, "sidecar.log"), "upstream_ca": upstream_ca,
                     "state_dir": sdir, "owner": uid, "capture": gvm["capture"],
@@ -430,6 +445,8 @@ class Runtime:
         with Lock(sdir, cid):
             status = status_of(st, sdir)
             lifecycle.check(cid, "start", status)
+            if st.get("sidecar"):
+                _record_start(sdir, cid)
             fifo = os.path.join(sdir, "exec.fifo")
             try:
                 fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -529,7 +546,7 @@ class Runtime:
             raise
         if detach:
             return 0
-        code = _wait_child(pid)
+        code = _wait_child(pid, (st.get("sidecar") or {}).get("pid"))
         for s in forwarded:
             _signal.signal(s, _signal.SIG_DFL)
         sdir = self.root.dir(cid)
@@ -589,11 +606,8 @@ def secrets_file() -> str:
     """Where a user keeps the secrets of credentials: 0600, outside every bundle."""
     if os.environ.get("GVMRT_SECRETS"):
         return os.environ["GVMRT_SECRETS"]
-    from gvmrt.statedir import is_host_root
-    if is_host_root():
-        return "/etc/gvmrt/secrets.json"
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return os.path.join(base, "gvmrt", "secrets.json")
+    from gvmrt.hostconf import config_dir
+    return os.path.join(config_dir(), "secrets.json")
 
 
 def secret_env(name: str) -> str:
@@ -658,22 +672,63 @@ def _read_secrets(path: str) -> dict[str, Any]:
     return table
 
 
+def _record_start(sdir: str, cid: str) -> None:
+    """Tell the monitor the container starts. Not waited for: the monitor serves the agent's
+    listeners only once it has recorded this (gvmrt.monitor), so the record precedes every request
+    of the agent either way. A monitor that cannot be reached would not govern it: refused."""
+    import _socket  # not gvmrt.control: `socket` and `json` cost start ~10 ms
+    fd = os.open(sdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(5)
+        sock.connect(f"/proc/self/fd/{fd}/control.sock")     # gvmrt.control's path, kept short
+        sock.sendall(b'{"op": "lifecycle", "event": "started"}\n')
+    except OSError as exc:
+        raise StateError(f"cannot start container {cid!r}: its sidecar is not there to record the start "
+                         f"({exc.strerror or exc}); it stays created: see `gvmrt state`, then delete it") from None
+    finally:
+        sock.close()
+        os.close(fd)
+
+
 def _set_aside(audit: str) -> None:
-    """An earlier container of this id left its log: keep it, under the time of its last line,
-    so this container's log holds only this container's decisions."""
+    """An earlier container of this id left its log: keep it (and its rotated segments), under the
+    time of its last change, so this container's log holds only this container's records."""
     try:
         mtime = os.stat(audit).st_mtime
     except FileNotFoundError:
         return
+    from gvmrt.audit.read import segments
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(mtime))
     base = audit[:-len(".jsonl")]
     n = 0
     while True:
         dest = f"{base}.{stamp}{f'.{n}' if n else ''}.jsonl"
         if not os.path.exists(dest):
+            parts = segments(audit)
+            for part in parts[1:]:
+                os.rename(part, dest + part[len(audit):])
             os.rename(audit, dest)
             return
         n += 1
+
+
+def _audit_settings(audit: dict[str, Any], bundle: str, cfg_path: str) -> tuple[str | None, int | None]:
+    """(the private key that signs the log or None, the rotation size) for a governed container."""
+    from gvmrt.errors import ConfigError
+    from gvmrt.hostconf import load, signing_key
+    host = load()
+    key = signing_key(audit.get("key"), bundle, host)
+    if key is not None and not os.path.isfile(key):
+        where = "/gvm/audit/key" if audit.get("key") else None
+        msg = f"audit signing key {key}: no such file (`gvmrt audit keygen -o {key}` makes one)"
+        if where:
+            raise ConfigError(cfg_path, where, msg)
+        raise HostError(msg)
+    if key is None and audit.get("require_signed"):
+        raise ConfigError(cfg_path, "/gvm/audit/require_signed",
+                          "no audit signing key: run `gvmrt audit keygen`, or name one in gvm.audit.key")
+    return key, (host.get("audit") or {}).get("max_segment_bytes")
 
 
 def _recv_sidecar(mon: Any) -> dict[str, Any]:
@@ -797,18 +852,45 @@ def _reap(pid: int | None) -> None:
             pass
 
 
-def _wait_child(pid: int) -> int:
+def _wait_child(pid: int, monitor: int | None = None) -> int:
+    """Reap children until `pid` is among them; its exit status. A governed container's init is
+    left a zombie until its monitor (our child too) has read its status for the audit log and
+    exited, or for 3 s: a monitor cannot wait for a process that is not its child."""
     while True:
+        if monitor:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                return 255
+            if info is not None and info.si_pid == pid:
+                _wait_exit(monitor, 3.0)
+                monitor = None
         try:
             wpid, status = os.waitpid(-1, 0)
         except InterruptedError:
             continue
         except ChildProcessError:
             return 255
+        if wpid == monitor:
+            monitor = None
         if wpid == pid:
             if os.WIFSIGNALED(status):
                 return 128 + os.WTERMSIG(status)
             return os.WEXITSTATUS(status)
+
+
+def _wait_exit(pid: int, timeout: float) -> None:
+    """Wait up to `timeout` for our child `pid` to exit (not reaping it)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
 
 
 def _host_id(maps: list[list[int]], cid: int, default: int) -> int:

@@ -339,11 +339,21 @@ class Dns(_Strict):
     tunnel_delay_ms: int = Field(2000, ge=0, le=60_000)
 
 
+class Audit(_Strict):
+    """gvm.audit: how the container's audit log is signed (spec/audit.md)."""
+
+    key: str | None = Field(None, min_length=1, description="Ed25519 private key file (PEM, mode 0600) that "
+                            "signs the log's seals; relative to the bundle directory, or absolute. Default: the "
+                            "host config's audit.key, else the host's key from `gvmrt audit keygen`")
+    require_signed: bool = Field(False, description="refuse to create the container when no signing key is "
+                                 "configured, rather than keep an unsigned log")
+
+
 class Gvm(_Strict):
     """The `gvm` extension: governance settings (spec/bundle.md, spec/policy.md).
 
     Its presence makes a bundle governed: its own network namespace whose only way out is the
-    sidecar (spec/policy.md). ``egress``, ``credentials`` and ``dns`` are specified and enforced; the other
+    sidecar (spec/policy.md). ``egress``, ``credentials``, ``dns`` and ``audit`` are specified and enforced; the other
     groups are reserved for later issues and accepted as any JSON object, not enforced yet (create
     says so).
     Any other key is refused like a typo.
@@ -353,7 +363,7 @@ class Gvm(_Strict):
     credentials: list[Credential] | None = None
     dns: Dns | None = None
     filesystem: dict[str, Any] | None = Field(None, description="reserved, not enforced yet")
-    audit: dict[str, Any] | None = Field(None, description="reserved, not enforced yet")
+    audit: Audit | None = None
 
     @field_validator("credentials")
     @classmethod

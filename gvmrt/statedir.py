@@ -143,7 +143,8 @@ class StateRoot:
             key = sha256(self.path.encode()).hexdigest()[:12]
         else:
             key = "default"
-        return os.path.join(data_root(), "audit", key, f"{cid}.jsonl")
+        from gvmrt.hostconf import audit_dir
+        return os.path.join(audit_dir(), key, f"{cid}.jsonl")
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

@@ -82,8 +82,12 @@ class Gvmrt:
         self.uid = uid
         self.state_root = state_root
         self.env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(home),
-                    "XDG_DATA_HOME": str(home / "data"), "XDG_CACHE_HOME": str(home / "cache"), "LANG": "C.UTF-8"}
+                    "XDG_DATA_HOME": str(home / "data"), "XDG_CACHE_HOME": str(home / "cache"),
+                    "XDG_STATE_HOME": str(home / "state"), "XDG_CONFIG_HOME": str(home / "config"),
+                    "LANG": "C.UTF-8"}
         self.data_root = Path("/var/lib/gvmrt") if uid == 0 else home / "data" / "gvmrt"
+        # Audit logs: persistent state (gvmrt.hostconf.audit_dir), per state root.
+        self.audit_root = Path("/var/lib/gvmrt/audit") if uid == 0 else home / "state" / "gvmrt" / "audit"
 
     def __call__(self, *args: str, stdin: str = "", timeout: float = 60, root: bool = True,
                  env: dict[str, str] | None = None) -> Result:
@@ -106,6 +110,9 @@ class Gvmrt:
 
     def reap(self) -> None:
         self.caller.request(op="reap")
+
+    def audit_log(self, cid: str) -> Path:
+        return self.audit_root / self.container_dir(cid).parent.name / f"{cid}.jsonl"
 
     def container_dir(self, cid: str) -> Path:
         import hashlib
@@ -239,6 +246,21 @@ def rootless(request: pytest.FixtureRequest, test_user: pwd.struct_passwd, workd
              rootfs_cache: dict[str, Path]) -> Iterator[tuple[Gvmrt, Bundles]]:
     caller, gv, bundles = _env_for("rootless", test_user, workdir, request)
     bundles.rootfs = rootfs_cache["rootless"]
+    try:
+        yield gv, bundles
+    finally:
+        _cleanup(gv)
+        caller.close()
+
+
+@pytest.fixture
+def as_root(request: pytest.FixtureRequest, test_user: pwd.struct_passwd, workdir: Path,
+            rootfs_cache: dict[str, Path]) -> Iterator[tuple[Gvmrt, Bundles]]:
+    """gvmrt as root only: for tests that need root's own powers on the host (mounting a tmpfs)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root in the initial user namespace (CAP_SYS_ADMIN to mount a tmpfs)")
+    caller, gv, bundles = _env_for("root", test_user, workdir, request)
+    bundles.rootfs = rootfs_cache["root"]
     try:
         yield gv, bundles
     finally:

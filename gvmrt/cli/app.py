@@ -86,6 +86,14 @@ def _proxy_command() -> None:
 _proxy_command()
 
 
+def _groups() -> None:
+    from gvmrt.cli.audit import audit_app
+    app.add_typer(audit_app, name="audit")
+
+
+_groups()
+
+
 def _lifecycle(verb: str) -> Any:
     from gvmrt.cli import VERBS
 

@@ -17,6 +17,7 @@ import typer
 from gvmrt.errors import GvmrtError, StateError, UsageError
 
 DECISIONS = ("allow", "audit_only", "delay", "require_approval", "deny")
+BOOKKEEPING = ("log", "segment", "seal", "close")     # the audit log's own records: not events
 _DURATION = re.compile(r"(\d+)([smhd]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -78,34 +79,48 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
-def _line(e: dict[str, Any]) -> str:
-    return _printable(_raw_line(e))
+def _line(e: dict[str, Any]) -> str | None:
+    """One readable line of a record; None for the log's own bookkeeping (headers, seals)."""
+    raw = _raw_line(e)
+    return None if raw is None else _printable(raw)
 
 
-def _raw_line(e: dict[str, Any]) -> str:
+def _raw_line(e: dict[str, Any]) -> str | None:
+    kind = e.get("record")
+    if kind in BOOKKEEPING:
+        return None
+    t = f"{e.get('time', ''):<24}"
     if e.get("event") == "reload":
-        return (f"{e.get('time', ''):<24} policy reloaded by uid {e.get('by_uid')}: {e.get('old_sha256', '')[:12]} -> "
+        return (f"{t} policy reloaded by uid {e.get('by_uid')}: {e.get('old_sha256', '')[:12]} -> "
                 f"{e.get('new_sha256', '')[:12]} ({e.get('rules')} rules)")
+    if kind == "lifecycle":
+        event = e.get("event")
+        if event == "created":
+            detail = (f"from {e.get('bundle')} (config {str(e.get('config_sha256'))[:12]}, policy "
+                      f"{str(e.get('policy_sha256'))[:12]}{', watch mode' if e.get('watch') else ''})")
+        elif event == "stopped":
+            detail = (f"exit status {e['exit_status']}" if e.get("exit_status") is not None
+                      else str(e.get("note") or "exit status unknown"))
+        elif event == "audit_recovered":
+            detail = f"the log failed from {e.get('since')} ({e.get('reason')}); {e.get('refused')} refused"
+        else:
+            detail = f"by uid {e['by_uid']}" if "by_uid" in e else ""
+        return f"{t} container {event} {detail}".rstrip()
     if e.get("event") == "held":
         return (f"{'':23} {e['method']} {e['host']}:{e['port']}{e['path']}  rule={e['rule'] or '-'}  HELD "
                 f"{e['request_id']} (answer within {e['timeout_s']} s: gvmrt approve|deny)")
     target = (f"{e.get('host', '')} {e.get('path', '')}" if e.get("method") == "DNS"
               else f"{e.get('host', '')}:{e.get('port', '')}{e.get('path', '')}")
-    return (f"{e.get('time', ''):<24} {e.get('method', '')} {target}"
+    return (f"{t} {e.get('method', '')} {target}"
             f"  rule={e.get('rule') or '-'}  {e.get('decision', '')}  {e.get('status', '')}"
+            + (f"  (watch: would {e['would']})" if e.get("would") and e.get("would") != e.get("decision") else "")
             + ("  flagged" if e.get("flagged") else ""))
 
 
 def _past(path: str) -> Iterator[dict[str, Any]]:
-    try:
-        with open(path, "rb") as f:
-            for raw in f:
-                try:
-                    yield json.loads(raw)
-                except ValueError:
-                    continue   # a torn last line (a crash mid-write) is not an event
-    except FileNotFoundError:
-        return
+    """The records of a container's log, every segment, skipping a torn last line."""
+    from gvmrt.audit.read import records, segments
+    return records(segments(path))
 
 
 def events(
@@ -132,11 +147,16 @@ def events(
         sdir, st = "", {"id": cid, "sidecar": {"audit": path}}
 
     def show(e: dict[str, Any]) -> None:
+        if e.get("record") in BOOKKEEPING:
+            return
         if decision is not None and (e.get("event") == "held" and decision != "require_approval"
                                      or e.get("event") != "held" and e.get("decision") != decision):
             return
         e = {k: v for k, v in e.items() if k != "event"} if e.get("event") == "decision" else e
-        sys.stdout.write((json.dumps(e) if fmt == "json" else _line(e)) + "\n")
+        text = json.dumps(e) if fmt == "json" else _line(e)
+        if text is None:
+            return
+        sys.stdout.write(text + "\n")
         sys.stdout.flush()
 
     live = None
@@ -145,7 +165,7 @@ def events(
         # printed once (by request id).
         client = _client(sdir, st, timeout=10)
         live = client.subscribe()
-    from gvmrt.proxy.audit import merge
+    from gvmrt.audit.read import merge
     seen = set()
     waiting: dict[Any, dict[str, Any]] = {}     # forwarded requests whose outcome is still to come
     for e in merge(_past(st["sidecar"]["audit"])):

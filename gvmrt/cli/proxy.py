@@ -28,13 +28,9 @@ def _parse_listen(text: str) -> tuple[str, int]:
 
 
 def _audit_path() -> str:
-    from gvmrt.statedir import is_host_root
-    if is_host_root():
-        base = "/var/lib/gvmrt"
-    else:
-        base = os.path.join(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "gvmrt")
+    from gvmrt.hostconf import audit_dir
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    return os.path.join(base, "audit", f"proxy-{stamp}-{os.getpid()}.jsonl")
+    return os.path.join(audit_dir(), f"proxy-{stamp}-{os.getpid()}.jsonl")
 
 
 def proxy(
@@ -50,7 +46,10 @@ def proxy(
     from gvmrt.linux.cleanup import remove_tree
     from gvmrt.policy.matcher import CompiledPolicy
     from gvmrt.policy.model import Egress
-    from gvmrt.proxy.audit import AuditWriter
+    from gvmrt.audit.keys import load_private
+    from gvmrt.audit.writer import MAX_SEGMENT_BYTES, AuditLog
+    from gvmrt.hostconf import load as host_config
+    from gvmrt.hostconf import signing_key
     from gvmrt.proxy.certs import CertificateAuthority
     from gvmrt.proxy.server import serve, tune_gc
     from gvmrt.spec import parse_config
@@ -91,7 +90,12 @@ def proxy(
         os.makedirs(os.path.dirname(os.path.abspath(audit_file)), mode=0o700, exist_ok=True)
         ca = CertificateAuthority.create(f"gvmrt proxy {os.path.basename(os.path.abspath(bundle))}")
         ca.save(ca_dir)
-        writer = AuditWriter(audit_file)
+        host_conf = host_config()
+        key = signing_key(cfg.gvm.audit.key if cfg.gvm and cfg.gvm.audit else None, bundle, host_conf)
+        writer = AuditLog(audit_file, container=f"proxy-{os.getpid()}",
+                          signer=load_private(key) if key else None,
+                          max_segment_bytes=(host_conf.get("audit") or {}).get("max_segment_bytes")
+                          or MAX_SEGMENT_BYTES)
         bound: list[tuple[str, int]] = []
 
         async def main() -> None:
@@ -113,7 +117,8 @@ def proxy(
             print(f"gvmrt proxy: listening on {h}:{p} for {os.path.abspath(bundle)} "
                   f"({len(egress.rules)} rules, mode {egress.mode})")
             print(f"trust this CA: {ca_pem}")
-            print(f"decisions are logged to: {audit_file}")
+            print(f"decisions are logged to: {audit_file} "
+                  f"({'signed by key ' + str(writer.chain.key) if writer.signed else 'unsigned'})")
             print(f"export HTTP_PROXY={url} HTTPS_PROXY={url} ALL_PROXY={url} http_proxy={url} https_proxy={url} "
                   f"all_proxy={url} NO_PROXY= no_proxy= SSL_CERT_FILE={ca_pem} REQUESTS_CA_BUNDLE={ca_pem} "
                   f"CURL_CA_BUNDLE={ca_pem} NODE_EXTRA_CA_CERTS={ca_pem}")

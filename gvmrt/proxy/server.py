@@ -38,7 +38,7 @@ from gvmrt.policy.canon import BadHost, canonical_host
 from gvmrt.policy.decision import Decision
 from gvmrt.policy.matcher import MAX_JSON_BODY, CompiledPolicy, Verdict
 from gvmrt.proxy import dns, h1, sniff
-from gvmrt.proxy.audit import AuditError, AuditWriter, record_time
+from gvmrt.audit.writer import AuditError, AuditLog, record_time
 from gvmrt.proxy.certs import CertificateAuthority, LeafCache
 from gvmrt.proxy.credentials import Credentials
 from gvmrt.proxy.operator import Approvals, Events, Held
@@ -77,6 +77,7 @@ class _Exchange:
     container: str = ""
     mode: str = "proxy"            # "proxy" (explicit), "transparent" (a captured port)
     approval: dict[str, Any] | None = None   # a held request: how it was answered
+    would: str | None = None                 # watch mode: what enforce mode would have decided
     credential: str | None = None            # the credential injected (its name, never its value)
     decided: bool = False                    # its decision record is written (an outcome follows)
 
@@ -92,6 +93,7 @@ class _Exchange:
             "duration_ms": round((time.monotonic() - self.started) * 1000, 3), "flagged": self.flagged,
             **({"approval": self.approval} if self.approval is not None else {}),
             **({"credential": self.credential} if self.credential is not None else {}),
+            **({"would": self.would} if self.would is not None else {}),
         }
 
     def outcome(self, reason: str | None = None) -> dict[str, Any]:
@@ -137,7 +139,7 @@ class _Close(Exception):
 class Sidecar:
     """One proxy instance: the policy, CA, audit writer and upstream pool shared by all connections."""
 
-    def __init__(self, policy: CompiledPolicy, ca: CertificateAuthority, audit: AuditWriter, *,
+    def __init__(self, policy: CompiledPolicy, ca: CertificateAuthority, audit: AuditLog, *,
                  upstream_cafile: str | None = None, allow_private: Collection[str] = frozenset(),
                  resolve: Resolver | None = None, timeouts: Timeouts = Timeouts(), container: str = "",
                  credentials: Credentials | None = None, dns_conf: dict[str, int] | None = None) -> None:
@@ -255,8 +257,14 @@ class Sidecar:
         self.policy = policy
         self.pool.allow_private = frozenset(_canon(h) for h in allow_private)
 
+    def start(self) -> None:
+        """Begin the log's periodic work (seals, group commit): once the event loop runs."""
+        self._audit_task = asyncio.ensure_future(self.audit.run())
+
     async def shutdown(self) -> None:
         """Cancel every client connection still being served and wait for each to close."""
+        if getattr(self, "_audit_task", None) is not None:
+            self._audit_task.cancel()
         tasks = [t for t in self.tasks if not t.done()]
         for t in tasks:
             t.cancel()
@@ -516,6 +524,8 @@ class Sidecar:
             verdict = self.policy.decide(method, host, port, path, head.headers, body)
         decision = verdict.decision
         ex.rule, ex.decision, ex.reason = verdict.rule_id, decision.action, verdict.reason
+        if verdict.would is not None:
+            ex.would = verdict.would.action
         ex.flagged = verdict.flagged or decision.action == "audit_only"
         body_done = bool(prefix)
 
@@ -576,7 +586,7 @@ class Sidecar:
     def _flush_outcomes(self) -> None:
         entries, self._outcomes = self._outcomes, []
         try:
-            self.audit.write_many(entries)
+            self.audit.append_many(entries)
         except AuditError as exc:
             # The decisions are on record; the next one that cannot be written refuses its request.
             with contextlib.suppress(OSError):
@@ -590,14 +600,13 @@ class Sidecar:
         if ex.decided and ex.status is None:
             ex.status, ex.flagged = 0, True
             with contextlib.suppress(AuditError):
-                self.audit.write(ex.outcome(reason))
+                self.audit.append(ex.outcome(reason))
 
     async def _write_entry(self, entry: dict[str, Any], sync: bool) -> None:
         """The one way a record leaves: the audit log first, then live subscribers."""
+        seq = self.audit.append(entry)
         if sync:
-            await asyncio.to_thread(self.audit.write, entry, sync=True)
-        else:
-            self.audit.write(entry)
+            await self.audit.durable(seq)
         if self.events.subscribers:
             self.events.publish({"event": "decision", **entry})
 
@@ -848,7 +857,7 @@ def _host_port(value: bytes, default_port: int) -> tuple[str, int] | None:
     return host, port
 
 
-async def serve(listen: tuple[str, int], policy: CompiledPolicy, ca: CertificateAuthority, audit: AuditWriter,
+async def serve(listen: tuple[str, int], policy: CompiledPolicy, ca: CertificateAuthority, audit: AuditLog,
                 upstream_cafile: str | None = None, allow_private: Collection[str] = frozenset(),
                 ready: asyncio.Event | None = None, *, resolve: Resolver | None = None,
                 timeouts: Timeouts = Timeouts(), bound: list[tuple[str, int]] | None = None) -> None:
@@ -860,6 +869,7 @@ async def serve(listen: tuple[str, int], policy: CompiledPolicy, ca: Certificate
     """
     sidecar = Sidecar(policy, ca, audit, upstream_cafile=upstream_cafile, allow_private=allow_private,
                       resolve=resolve, timeouts=timeouts)
+    sidecar.start()
     server = await asyncio.start_server(sidecar.handle, listen[0], listen[1], limit=READ_SIZE)
     if bound is not None:
         bound.extend(sock.getsockname()[:2] for sock in server.sockets)

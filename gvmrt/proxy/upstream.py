@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
@@ -149,20 +150,35 @@ class Pool:
         self._resolve = resolve or default_resolve
         self.allow_private = frozenset(h.lower() for h in allow_private)
         self._cafile = upstream_cafile
+        self._cadata: str | None = None
+        self._tls_lock = threading.Lock()
         self._tls: ssl.SSLContext | None = None
         self._idle: dict[Key, list[Upstream]] = {}
         self.idle_cutoff = idle_cutoff
         self.max_idle_per_key = max_idle_per_key
         self.connects = 0               # fresh connections opened (tests and stats)
 
+    def read_ca(self) -> None:
+        """Read the upstream CA file now (a root monitor cannot once it runs as nobody); the
+        context is built from these bytes later."""
+        if self._cafile is not None and self._cadata is None:
+            with open(self._cafile) as f:
+                self._cadata = f.read()
+
     def tls_context(self) -> ssl.SSLContext:
-        # ~21 ms to build (issue 3, "costs"): once per pool, lazily.
+        # ~21 ms to build (issue 3, "costs"): once per pool, lazily, or ahead in a worker thread
+        # (the monitor warms it while it already serves); the lock makes the two meet safely.
         if self._tls is None:
-            ctx = ssl.create_default_context()
-            if self._cafile is not None:
-                ctx.load_verify_locations(cafile=self._cafile)   # added to the system store, not instead
-            ctx.set_alpn_protocols(["http/1.1"])
-            self._tls = ctx
+            with self._tls_lock:
+                if self._tls is None:
+                    ctx = ssl.create_default_context()
+                    # Added to the system store, not instead of it.
+                    if self._cadata is not None:
+                        ctx.load_verify_locations(cadata=self._cadata)
+                    elif self._cafile is not None:
+                        ctx.load_verify_locations(cafile=self._cafile)
+                    ctx.set_alpn_protocols(["http/1.1"])
+                    self._tls = ctx
         return self._tls
 
     def take_idle(self, key: Key) -> Upstream | None:

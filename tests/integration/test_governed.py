@@ -245,13 +245,20 @@ class Agent:
         assert res.rc == 0, f"agent failed ({res.rc}): {res.err}\n{res.out}"
         return [json.loads(line) for line in res.out.splitlines() if line.startswith("{")]
 
+    def records(self, cid: str) -> list[dict[str, Any]]:
+        """Every record of the container's log (all segments), decision and outcome merged."""
+        from gvmrt.audit.read import merge, records, segments
+        return merge(records(segments(str(self.records_path(cid)))))
+
     def audit(self, cid: str) -> list[dict[str, Any]]:
-        """The container's records, one per request (decision + outcome merged: gvmrt.proxy.audit.merge)."""
-        from gvmrt.proxy.audit import merge
-        return merge(json.loads(line) for line in self.records_path(cid).read_text().splitlines())
+        """The container's requests, one record each (decision + outcome: gvmrt.audit.read.merge)."""
+        return [r for r in self.records(cid) if r.get("record") == "decision"]
+
+    def lifecycle(self, cid: str) -> list[dict[str, Any]]:
+        return [r for r in self.records(cid) if r.get("record") == "lifecycle"]
 
     def records_path(self, cid: str) -> Path:
-        return self.gv.data_root / "audit" / self.gv.container_dir(cid).parent.name / f"{cid}.jsonl"
+        return self.gv.audit_log(cid)
 
 
 @pytest.fixture
@@ -618,7 +625,7 @@ def test_state_cleanup_and_processes_of_a_governed_container(agent_env: Any, ups
     state = gv.ok("state", "st").json()
     side = state["sidecar"]
     assert side["status"] == "running" and side["pid"] > 0
-    assert side["audit"] == str(agent.gv.data_root / "audit" / gv.container_dir("st").parent.name / "st.jsonl")
+    assert side["audit"] == str(agent.gv.audit_log("st"))
     # As the user who ran gvmrt; root's monitor drops to nobody once its files are open, which
     # is after it has answered create (but before its event loop accepts a connection).
     deadline = time.monotonic() + 10
@@ -681,7 +688,7 @@ def test_a_new_container_of_the_same_id_starts_a_new_log_and_keeps_the_old(rootl
     agent.run(code, cid="again")
     agent.run(code, cid="again")
     assert len(agent.audit("again")) == 1
-    logs = sorted(p.name for p in (agent.gv.data_root / "audit" / agent.gv.container_dir("again").parent.name).iterdir())
+    logs = sorted(p.name for p in agent.gv.audit_log("again").parent.iterdir())
     assert len(logs) == 2 and logs[-1] == "again.jsonl" and logs[0].startswith("again.2"), logs
 
 

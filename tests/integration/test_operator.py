@@ -88,7 +88,7 @@ def test_approve_deny_and_timeout_end_to_end(rootless_agent: Any) -> None:
     bad_for = gv("approve", "ops", a["request_id"], "--for", "soon")
     assert bad_for.rc == 2 and "--for" in bad_for.err
 
-    lines = {e["request_id"]: e for e in agent.audit("ops")}
+    lines = {e["request_id"]: e for e in agent.audit("ops") if "request_id" in e}
     assert lines[a["request_id"]]["approval"]["outcome"] == "approved"
     assert lines[a["request_id"]]["approval"]["by_uid"] == gv.uid
     assert lines[b["request_id"]]["approval"]["outcome"] == "denied"
@@ -144,7 +144,7 @@ time.sleep(60)
     time.sleep(0.5)                     # subscribed
     (agent.shared / "go").write_text("")
     deadline = time.monotonic() + 20
-    while len(got) < 5 and time.monotonic() < deadline:
+    while sum(e.get("record") == "decision" for _, e in got) < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
     follow.terminate()
     follow.wait(5)
@@ -152,6 +152,9 @@ time.sleep(60)
     for f in (follow.stdout, follow.stderr):
         if f is not None:
             f.close()
+    # Its lifecycle comes first (created, started), then the requests.
+    assert [e.get("event") for _, e in got if e.get("record") == "lifecycle"] == ["created", "started"], got
+    got = [(t, e) for t, e in got if e.get("record") == "decision"]
     assert [e["path"] for _, e in got] == [f"/live/{i}" for i in range(5)], got
     for seen_at, e in got:
         # The record's time is when the sidecar wrote it; the line reached us within 100 ms.
@@ -161,6 +164,9 @@ time.sleep(60)
     # Past events are read from the log, also once the container is gone; filters work.
     gv.ok("delete", "--force", "ev")
     past = gv.ok("events", "ev").out.splitlines()
+    assert "container created" in past[0] and "container started" in past[1], past
+    assert "container stopped" in past[-1], past
+    past = past[2:-1]
     assert len(past) == 5 and all("rule=api  allow  200" in line for line in past), past
     assert gv.ok("events", "ev", "--decision", "deny").out == ""
     bad = gv("events", "ev", "--decision", "maybe")
@@ -258,14 +264,14 @@ time.sleep(60)
     # In effect within 100 ms of `gvmrt update` returning (requests run back to back).
     assert all(r[1] <= applied + 0.1 for r, k in zip(rows, kinds) if k == "old"), rows[first_new - 2:first_new + 1]
     # Recorded with both hashes; an invalid policy is refused with its pointer and the new one stays.
-    reloads = [e for e in agent.audit("rl") if e.get("event") == "reload"]
+    reloads = [e for e in agent.lifecycle("rl") if e.get("event") == "reload"]
     assert len(reloads) == 1 and reloads[0]["old_sha256"] != reloads[0]["new_sha256"]
     assert reloads[0]["by_uid"] == gv.uid
     new_policy.write_text(json.dumps({**keep, "rules": [{"id": "x", "hosts": ["api.test"],
                                                          "decision": {"action": "nope"}}]}))
     bad = gv("update", "rl", "--policy", str(new_policy))
     assert bad.rc == 2 and "/rules/0/decision" in bad.err, bad
-    assert len([e for e in agent.audit("rl") if e.get("event") == "reload"]) == 1
+    assert len([e for e in agent.lifecycle("rl") if e.get("event") == "reload"]) == 1
     assert "policy reloaded" in gv.ok("events", "rl").out
     # Re-reading the bundle's own config puts its policy back.
     assert "reloaded" in gv.ok("update", "rl", "--from-bundle").out

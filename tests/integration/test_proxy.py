@@ -24,7 +24,9 @@ from typing import Any
 import pytest
 
 from gvmrt.policy import CompiledPolicy, parse_egress
-from gvmrt.proxy.audit import AuditWriter, merge
+from gvmrt.audit.read import merge
+from gvmrt.audit.verify import verify_log
+from gvmrt.audit.writer import AuditLog
 from gvmrt.proxy.certs import CertificateAuthority, LeafCache
 from gvmrt.proxy.server import Timeouts, serve
 from gvmrt.proxy.upstream import address_problem, default_resolve
@@ -140,7 +142,7 @@ class Upstream:
 # --- the sidecar in a background event loop ---------------------------------------------------
 
 class Proxy:
-    def __init__(self, policy: CompiledPolicy, ca: CertificateAuthority, audit: AuditWriter, cafile: str,
+    def __init__(self, policy: CompiledPolicy, ca: CertificateAuthority, audit: AuditLog, cafile: str,
                  timeouts: Timeouts = Timeouts(client_idle=TIMEOUT, read=TIMEOUT, write=TIMEOUT)) -> None:
         self.loop = asyncio.new_event_loop()
         self.bound: list[tuple[str, int]] = []
@@ -236,7 +238,7 @@ def audit_path(dirs: Path) -> Path:
 @pytest.fixture(scope="module")
 def proxy(gvm_ca: CertificateAuthority, upstream_ca: tuple[CertificateAuthority, str], audit_path: Path,
           https_upstream: Upstream, http_upstream: Upstream) -> Iterator[Proxy]:
-    writer = AuditWriter(audit_path)
+    writer = AuditLog(audit_path, container="test")
     p = Proxy(CompiledPolicy.compile(parse_egress(EGRESS)), gvm_ca, writer, upstream_ca[1])
     yield p
     p.close()
@@ -263,7 +265,7 @@ def get(conn: http.client.HTTPConnection, target: str, **headers: str) -> tuple[
 
 def audit_line(path: Path, request_id: str) -> dict[str, Any]:
     for entry in merge(json.loads(line) for line in path.read_text().splitlines()):
-        if entry["request_id"] == request_id:
+        if entry.get("request_id") == request_id:
             return entry
     raise AssertionError(f"no audit line for {request_id}")
 
@@ -514,10 +516,51 @@ def test_smuggling_shape_is_refused(proxy: Proxy, http_upstream: Upstream) -> No
     assert reply.startswith(b"HTTP/1.1 400 ")
 
 
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs of its own, so a test can fill it (a full disk, for real)."""
+    import os
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN in the initial user namespace)")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def _fill(directory: Path) -> Path:
+    import os
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (65536, 4096, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
+    return filler
+
+
 def test_audit_unwritable_fails_closed(gvm_ca: CertificateAuthority, upstream_ca: tuple[CertificateAuthority, str],
-                                       http_upstream: Upstream) -> None:
-    # /dev/full: every write fails with ENOSPC, as a full disk would.
-    writer = AuditWriter("/dev/full")
+                                       http_upstream: Upstream, small_fs: Path) -> None:
+    # A full disk (ENOSPC on write): nothing is forwarded or answered; once there is room again the
+    # log goes on, first recording how many requests it refused, and still verifies.
+    log_path = small_fs / "audit.jsonl"
+    writer = AuditLog(log_path, container="test")
+    filler = _fill(small_fs)
+    # The log's last page may still have room: fill it with records until the disk says no (that
+    # failed append is the first refusal the outage record counts).
+    from gvmrt.audit.writer import AuditError
+    with pytest.raises(AuditError, match="short write|No space left"):
+        for _ in range(1000):
+            writer.append({"record": "lifecycle", "event": "padding"})
     p = Proxy(CompiledPolicy.compile(parse_egress(EGRESS)), gvm_ca, writer, upstream_ca[1])
     try:
         before = http_upstream.connections
@@ -535,9 +578,22 @@ def test_audit_unwritable_fails_closed(gvm_ca: CertificateAuthority, upstream_ca
             assert resp.status == 503               # a deny that cannot be recorded is not answered 403 either
         finally:
             conn.close()
+        filler.unlink()
+        conn = http.client.HTTPConnection(p.host, p.port, timeout=TIMEOUT)
+        try:
+            resp, raw = get(conn, f"http://plain.test:{http_upstream.port}/x")
+            assert resp.status == 200
+        finally:
+            conn.close()
     finally:
         p.close()
         writer.close()
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    outage = [r for r in records if r.get("event") == "audit_recovered"]
+    assert len(outage) == 1 and outage[0]["refused"] == 3
+    assert "short write" in outage[0]["reason"] or "No space left" in outage[0]["reason"]
+    report = verify_log([str(log_path)])
+    assert report.ok and report.closed, report.problems
 
 
 def test_audit_only_is_forwarded_and_flagged(proxy: Proxy, client_ctx: ssl.SSLContext, https_upstream: Upstream,
@@ -618,7 +674,7 @@ SHORT = 0.5
 @pytest.fixture(scope="module")
 def short_proxy(gvm_ca: CertificateAuthority, upstream_ca: tuple[CertificateAuthority, str],
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
-    writer = AuditWriter(tmp_path_factory.mktemp("short") / "audit.jsonl")
+    writer = AuditLog(tmp_path_factory.mktemp("short") / "audit.jsonl", container="test")
     p = Proxy(CompiledPolicy.compile(parse_egress(EGRESS)), gvm_ca, writer, upstream_ca[1],
               timeouts=Timeouts(client_idle=SHORT, read=SHORT, write=SHORT, tls_handshake=SHORT))
     yield p

@@ -67,7 +67,7 @@ def test_gvmrt_proxy_decides_logs_and_cleans_up(tmp_path: Path) -> None:
         upstream.server_close()
     assert proc.returncode == 0, err
     assert not key.exists() and not key.parent.exists(), "the run's CA key must not outlive the proxy"
-    from gvmrt.proxy.audit import merge
+    from gvmrt.audit.read import merge
     entries = merge(json.loads(line) for line in audit.read_text().splitlines())
     assert [(e["rule"], e["decision"]) for e in entries] == [("local-api", "allow"), ("no-admin", "deny")]
 

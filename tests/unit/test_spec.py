@@ -205,8 +205,18 @@ def test_governed_process_gets_proxy_and_trust_variables_that_replace_its_own() 
 def test_gvm_reserved_sections_are_accepted_and_noticed_as_not_enforced() -> None:
     plan, warnings = check(raw_of(governed(dns={"unknown_delay_ms": 50}, filesystem={}, audit={})))
     assert plan["gvm"]["egress"] == {}
-    assert warnings == ["gvm.{audit,filesystem} not enforced by this gvmrt version (egress is)"]
+    assert warnings == ["gvm.{filesystem} not enforced by this gvmrt version (egress is)"]
     assert plan["gvm"]["dns"] == {"unknown_delay_ms": 50, "tunnel_threshold": 20, "tunnel_delay_ms": 2000}
+    assert plan["gvm"]["audit"] == {"key": None, "require_signed": False}
+
+
+def test_gvm_audit_is_checked() -> None:
+    plan, _ = check(raw_of(governed(audit={"key": "keys/audit.pem", "require_signed": True})))
+    assert plan["gvm"]["audit"] == {"key": "keys/audit.pem", "require_signed": True}
+    with pytest.raises(ConfigError, match="/gvm/audit/sign"):
+        check(raw_of(governed(audit={"sign": True})))
+    with pytest.raises(ConfigError, match="/gvm/audit/require_signed"):
+        check(raw_of(governed(audit={"require_signed": "yes"})))
 
 
 def test_empty_gvm_is_governed_by_the_default_policy_and_absent_gvm_is_plain() -> None:

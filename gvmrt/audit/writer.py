@@ -1,0 +1,280 @@
+"""The monitor's appender: the chain (gvmrt.audit.chain) on disk, durably where it must be.
+
+- Every `append` is one write(2) to a file opened O_APPEND, so a line is either whole or the torn
+  tail of a crash; on a failed or short write the line is cut off again (ftruncate) and the
+  chain forgets it, so the log never skips a number. The caller gets `AuditError` and refuses the
+  request (fail closed); the next append that works first records the outage.
+- `durable(seq)` waits until an fdatasync covers entry `seq`. Concurrent waiters share one
+  (group commit): each durable append costs at most its own fsync, plus the end of one already
+  running. Entries nobody waits for are synced at the latest by the next `tick` (SYNC_INTERVAL):
+  that is the bounded window a power loss can take, and `verify` reports it as an unsealed or
+  missing tail, never as a gap.
+- Batches are sealed every SEAL_INTERVAL, at BATCH_MAX entries, before a rotation and at close.
+- Size-based rotation: past `max_segment_bytes` the batch is sealed and the log continues in the
+  next segment file (`<path>.2`, ...), whose first entry links to the last one of the previous file.
+- An fsync failure is permanent (Linux may have dropped the dirty pages: nothing later can be
+  trusted to be on disk); every later append is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import secrets
+import time
+from typing import Any, Callable
+
+from gvmrt.audit.chain import Chain
+from gvmrt.audit.read import part_path
+from gvmrt.errors import GvmrtError
+
+__all__ = ["AuditError", "AuditLog", "record_time", "open_segment"]
+
+SEAL_INTERVAL = 1.0
+SYNC_INTERVAL = 1.0
+BATCH_MAX = 4096
+MAX_SEGMENT_BYTES = 64 * 1024 * 1024
+
+
+class AuditError(GvmrtError):
+    """The audit log could not be written (or synced): the request it was for must be refused."""
+
+
+def record_time() -> str:
+    """Now, as every record says it: UTC, milliseconds, RFC 3339 ("2026-11-26T01:02:03.456Z")."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+
+
+def open_segment(path: str, n: int) -> int:
+    """Create segment `n` of the log `path` (never an existing file: a log is only ever appended)."""
+    return os.open(part_path(path, n), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                   | os.O_NOFOLLOW, 0o600)
+
+
+class AuditLog:
+    """One container's log. Not thread-safe: the monitor's event loop is its only caller (the
+    fdatasync runs in a worker thread on a descriptor nothing else closes meanwhile).
+
+    `signer` (gvmrt.audit.keys.Signer) signs seals; without one the log is unsigned. `opener(path,
+    n) -> fd` creates the segment files of rotations (a root monitor that dropped its privileges
+    gets them from a helper that kept them). `on_status(dict)` hears when the log starts and stops failing.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, container: str, signer: Any = None,
+                 max_segment_bytes: int = MAX_SEGMENT_BYTES, batch_max: int = BATCH_MAX,
+                 opener: Callable[[str, int], int] = open_segment,
+                 on_status: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.path = os.fspath(path)
+        self.container = container
+        self.max_segment_bytes = max_segment_bytes
+        self.batch_max = batch_max
+        self._opener = opener
+        self.on_status = on_status
+        self.log_id = secrets.token_hex(16)
+        self.signed = signer is not None
+        self.chain = Chain(self.log_id, signer.sign if signer else None, signer.key if signer else None)
+        self.segment = 1
+        try:
+            self._fd = open_segment(self.path, 1)      # by us, with our rights (before any drop)
+        except OSError as exc:
+            raise AuditError(f"audit log {self.path}: cannot create: {exc.strerror}") from exc
+        self.size = 0
+        self.fsyncs = 0                 # fdatasync calls made (the benchmark counts them)
+        self._durable = -1              # every entry up to this seq is on disk
+        self._flush: asyncio.Future[None] | None = None
+        self._retired: list[int] = []   # descriptors of rotated segments a running flush still uses
+        self._batch_started = time.monotonic()
+        self.failed: str | None = None  # permanent failure
+        self._outage: dict[str, Any] | None = None
+        self._pubkey = base64.b64encode(signer.public_raw).decode() if signer else None
+        self.append({"record": "log", "time": record_time(), "log": self.log_id, "container": container,
+                     "segment": 1, "key": self.chain.key, "pubkey": self._pubkey})
+
+    # --- appending -------------------------------------------------------------------------
+
+    def append(self, entry: dict[str, Any]) -> int:
+        """Chain and write one entry (it gains v, seq, prev, h); its seq. Raises AuditError."""
+        self._check()
+        mark = self.chain.mark()
+        data = self.chain.append(entry)
+        seq = self.chain.seq - 1
+        if len(self.chain.leaves) >= self.batch_max:
+            data += self._seal_line()
+        self._write(data, mark)
+        return seq
+
+    def append_many(self, entries: list[dict[str, Any]]) -> int:
+        """Several entries in one write (records that gate nothing); the last one's seq."""
+        self._check()
+        mark = self.chain.mark()
+        parts = []
+        for e in entries:
+            parts.append(self.chain.append(e))
+            if len(self.chain.leaves) >= self.batch_max:
+                parts.append(self._seal_line())
+        self._write(b"".join(parts), mark)
+        return self.chain.seq - 1
+
+    def seal(self) -> None:
+        """Seal the open batch now (if it has entries)."""
+        self._check()
+        mark = self.chain.mark()
+        line = self._seal_line()
+        if line:
+            self._write(line, mark)
+
+    def _seal_line(self) -> bytes:
+        self._batch_started = time.monotonic()
+        return self.chain.seal(record_time()) or b""
+
+    def _check(self) -> None:
+        if self.failed is not None:
+            raise AuditError(self.failed)
+        if self._outage is not None:
+            # The first write that works says what the log missed (a failure here counts in it).
+            mark = self.chain.mark()
+            self._write(self.chain.append({"record": "lifecycle", "event": "audit_recovered",
+                                           "time": record_time(), **self._outage}), mark)
+            self._outage = None
+            if self.on_status:
+                self.on_status({"audit": "ok"})
+
+    def _write(self, data: bytes, mark: tuple[Any, ...]) -> None:
+        try:
+            written = os.write(self._fd, data)
+            problem = None if written == len(data) else f"short write ({written} of {len(data)} bytes)"
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+        if problem is None:
+            self.size += len(data)
+            if self.size >= self.max_segment_bytes:
+                self._rotate()
+            return
+        # Nothing of it counts: forget it in the chain and cut any torn part off the file.
+        self.chain.rollback(mark)
+        reason = f"audit log {self._segment_path()}: {problem}"
+        try:
+            os.ftruncate(self._fd, self.size)
+        except OSError as exc:
+            self._fail(f"{reason}; and cannot cut the torn line off: {exc.strerror}")
+        else:
+            if self._outage is None:
+                self._outage = {"since": record_time(), "reason": reason, "refused": 0}
+            self._outage["refused"] += 1
+            if self.on_status:
+                self.on_status({"audit": "failing", "reason": reason})
+        raise AuditError(reason)
+
+    def _fail(self, reason: str) -> None:
+        self.failed = reason
+        if self.on_status:
+            self.on_status({"audit": "failed", "reason": reason})
+
+    def _segment_path(self) -> str:
+        return part_path(self.path, self.segment)
+
+    # --- durability ------------------------------------------------------------------------
+
+    async def durable(self, seq: int) -> None:
+        """Return once entry `seq` is on disk; AuditError if it cannot be."""
+        while self._durable < seq:
+            if self.failed is not None:
+                raise AuditError(self.failed)
+            if self._flush is None:
+                self._flush = asyncio.ensure_future(self._do_flush())
+            await asyncio.shield(self._flush)
+
+    async def _do_flush(self) -> None:
+        target, fd = self.chain.seq - 1, self._fd
+        try:
+            await asyncio.to_thread(os.fdatasync, fd)
+            self.fsyncs += 1
+        except OSError as exc:
+            self._fail(f"audit log {self._segment_path()}: fsync: {exc.strerror}")
+            raise AuditError(self.failed) from exc
+        finally:
+            self._flush = None
+            while self._retired:
+                os.close(self._retired.pop())
+        self._durable = max(self._durable, target)
+
+    def sync(self) -> None:
+        """Blocking fdatasync of everything written (rotation, close, a caller without a loop)."""
+        if self.failed is not None:
+            raise AuditError(self.failed)
+        try:
+            os.fdatasync(self._fd)
+            self.fsyncs += 1
+        except OSError as exc:
+            self._fail(f"audit log {self._segment_path()}: fsync: {exc.strerror}")
+            raise AuditError(self.failed) from exc
+        self._durable = self.chain.seq - 1
+
+    async def tick(self) -> None:
+        """The periodic part: seal a batch older than SEAL_INTERVAL, sync what nobody waited for."""
+        if self.failed is not None:
+            return
+        try:
+            if self.chain.leaves and time.monotonic() - self._batch_started >= SEAL_INTERVAL:
+                self.seal()
+            if self._durable < self.chain.seq - 1:
+                await self.durable(self.chain.seq - 1)
+        except AuditError:
+            pass            # the next request that needs the log hears it
+
+    async def run(self) -> None:
+        """`tick` forever (the monitor runs it as a task)."""
+        while True:
+            await asyncio.sleep(min(SEAL_INTERVAL, SYNC_INTERVAL))
+            await self.tick()
+
+    # --- rotation and close ----------------------------------------------------------------
+
+    def _rotate(self) -> None:
+        line = self._seal_line()
+        if line:
+            os.write(self._fd, line)   # a failure here surfaces at the sync below
+        self.sync()
+        old, self.segment = self._fd, self.segment + 1
+        try:
+            self._fd = self._opener(self.path, self.segment)
+        except OSError as exc:
+            self._fd = old
+            self.segment -= 1
+            self._fail(f"audit log {self._segment_path()}: cannot start segment {self.segment + 1}: "
+                       f"{exc.strerror}")
+            return
+        if self._flush is None:
+            os.close(old)
+        else:
+            self._retired.append(old)
+        self.size = 0
+        mark = self.chain.mark()
+        # Each segment names its key too, so one file alone can be checked.
+        self._write(self.chain.append({"record": "segment", "time": record_time(), "log": self.log_id,
+                                       "container": self.container, "segment": self.segment,
+                                       "key": self.chain.key, "pubkey": self._pubkey}), mark)
+
+    def close(self, reason: str = "stopped") -> None:
+        """Record the end, seal, sync and close. Best effort: a failing log is closed as it is."""
+        if self._fd < 0:
+            return
+        try:
+            self.append({"record": "close", "time": record_time(), "log": self.log_id, "reason": reason})
+            self.seal()
+            self.sync()
+        except AuditError:
+            pass
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+            while self._retired:
+                os.close(self._retired.pop())
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
