@@ -89,6 +89,8 @@ _proxy_command()
 def _groups() -> None:
     from gvmrt.cli.audit import audit_app
     app.add_typer(audit_app, name="audit")
+    from gvmrt.cli.policy import policy_app
+    app.add_typer(policy_app, name="policy")
 
 
 _groups()
