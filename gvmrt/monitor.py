@@ -114,6 +114,8 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
     status_fd = os.open(os.path.join(conf["state_dir"], STATUS_FILE),
                         os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
 
+    live: dict[str, Any] = {}      # the sidecar's event fan-out, once there is one
+
     def on_status(status: dict[str, Any]) -> None:
         # What `gvmrt state` shows of the log (gvmrt.runtime.oci_state); pwrite, as the file was
         # opened before the privileges went.
@@ -124,8 +126,11 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
             os.ftruncate(status_fd, len(data))
         except OSError:
             pass
-        if status.get("audit") != "ok":
+        if status.get("audit") in ("failing", "failed"):
             os.write(2, f"gvmrt monitor {conf['id']}: {status.get('reason')}\n".encode())
+        events = live.get("events")
+        if events is not None and status.get("audit") != "closed":
+            events.publish({"event": "audit", "time": record_time(), **status})    # `gvmrt events -f`
 
     # A root monitor runs as nobody, who may not create files in root's audit directory: the next
     # segment file of a rotation comes from a helper that keeps root and does nothing else.
@@ -166,6 +171,7 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
                       allow_private=egress.get("allow_private") or (), resolve=resolve, container=conf["id"],
                       credentials=creds, dns_conf=conf.get("dns"))
     sidecar.pool.read_ca()       # now, with our rights; the context is built in a thread once serving
+    live["events"] = sidecar.events
     try:
         from gvmrt import capool
         capool.refill()           # the next governed create will not wait for a CA

@@ -107,15 +107,14 @@ def parse_line(raw: bytes) -> tuple[dict[str, Any] | None, str | None, str | Non
     h = raw[-_SUFFIX + 6:-3].decode("ascii", "replace")
     body = raw[:-_SUFFIX] + b"}"
     try:
-        obj = _decode(raw.decode())
-    except ValueError as exc:     # UnicodeDecodeError included
+        obj = _decode(body.decode())        # the body alone: h is taken from its fixed place
+    except ValueError as exc:               # UnicodeDecodeError included
         return None, h, f"format: not JSON ({exc})"
-    if not isinstance(obj, dict):
+    if obj.__class__ is not dict:
         return None, h, "format: not a JSON object"
     if sha256(_DOMAIN + body).hexdigest() != h:
         return obj, h, "hash: the entry does not match its h (it was altered after it was written)"
-    obj.pop("h", None)
-    if chain.canonical(obj).encode() != body:
+    if "h" in obj or chain.canonical(obj).encode() != body:
         return obj, h, "canonical: the entry is not in canonical form (a duplicate key or re-encoded field)"
     obj["h"] = h
     return obj, h, None
@@ -314,7 +313,9 @@ class ProofError(Exception):
 def make_proof(paths: list[str], ref: str) -> dict[str, Any]:
     """One entry (by seq, or the decision record of a request id) with its Merkle inclusion path
     and the seal of its batch, as a self-contained JSON object."""
-    want_seq = int(ref) if ref.isdigit() else None
+    # A request id is 16 hex digits (possibly all decimal ones); anything shorter that is a
+    # number is a seq.
+    want_seq = int(ref) if ref.isdigit() and len(ref) < 16 else None
     header: dict[str, Any] | None = None
     batch: list[tuple[bytes, bytes]] = []      # (h, raw line)
     found: int | None = None                   # index in batch
@@ -337,8 +338,9 @@ def make_proof(paths: list[str], ref: str) -> dict[str, Any]:
                         "pubkey": header.get("pubkey") if header else None}
             batch = []
             continue
+        # A request id (16 hex digits, maybe all digits) or a seq number.
         if found is None and (obj.get("seq") == want_seq if want_seq is not None else
-                              obj.get("request_id") == ref and kind == "decision"):
+                              kind == "decision" and obj.get("request_id") == ref):
             found = len(batch)
         batch.append((bytes.fromhex(h), raw))
     if found is not None:

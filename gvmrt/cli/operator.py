@@ -106,6 +106,9 @@ def _raw_line(e: dict[str, Any]) -> str | None:
         else:
             detail = f"by uid {e['by_uid']}" if "by_uid" in e else ""
         return f"{t} container {event} {detail}".rstrip()
+    if e.get("event") == "audit":
+        return (f"{t} the audit log is {e.get('audit')}" + (f": {e['reason']}" if e.get("reason") else "")
+                + (" (governed requests are refused)" if e.get("audit") in ("failing", "failed") else ""))
     if e.get("event") == "held":
         return (f"{'':23} {e['method']} {e['host']}:{e['port']}{e['path']}  rule={e['rule'] or '-'}  HELD "
                 f"{e['request_id']} (answer within {e['timeout_s']} s: gvmrt approve|deny)")

@@ -18,7 +18,7 @@ import pytest
 
 from gvmrt.audit.read import records, segments
 from gvmrt.audit.verify import verify_log
-from tests.conftest import Bundles, Gvmrt
+from tests.conftest import GVMRT, Bundles, Gvmrt
 from tests.integration.test_governed import (ALLOW_API, Agent, Upstream, _wait_file, _wait_gone,  # noqa: F401
                                              agent_env, rootless_agent, upstream)
 
@@ -207,6 +207,10 @@ while not os.path.exists("/t/stop"):
             return json.loads((agent.shared / f"r{i}").read_text())
         assert ask(0)["status"] == 200
         assert gv.ok("state", "full").json()["sidecar"]["audit_status"] == "ok"
+        follow = subprocess.Popen([GVMRT, "--root", str(gv.state_root), "events", "full", "--follow", "--format",
+                                   "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, **gv.env, **env})
+        time.sleep(0.5)
         filler = mnt / "filler"
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
         for size in (65536, 4096, 512, 1):
@@ -231,6 +235,12 @@ while not os.path.exists("/t/stop"):
         filler.unlink()
         assert ask(i + 1)["status"] == 200
         assert gv.ok("state", "full").json()["sidecar"]["audit_status"] == "ok"
+        # Operators following the events heard it fail and recover.
+        time.sleep(0.3)
+        follow.terminate()
+        out, _ = follow.communicate(timeout=10)
+        heard = [json.loads(line).get("audit") for line in out.splitlines() if '"event": "audit"' in line]
+        assert heard[:1] == ["failing"] and heard[-1] == "ok", out[-2000:]
         (agent.shared / "stop").write_text("")
         gv.ok("delete", "--force", "full")
         log = str(mnt / gv.container_dir("full").parent.name / "full.jsonl")
@@ -276,3 +286,64 @@ emit(**proxied("GET", "{base}/v2/other"))
         ("/v1/items/789", "allow"), ("/v1/orders", "allow"), ("/v2/other", "delay")], lines
     assert lines[0]["rule"] == get_rule["id"] and lines[2]["rule"] is None and lines[2]["flagged"]
     assert [o["status"] for o in out] == [200, 200, 200]
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_watch_suggest_enforce_on_the_python_agent_bundle(as_root: tuple[Gvmrt, Bundles], tmp_path: Path) -> None:
+    # The shipped example agent, unchanged, against the demo's own upstream (scripts/demo's).
+    gv, _ = as_root
+    src = REPO / "bundles" / "python-agent"
+    if not (src / "rootfs" / "usr" / "bin" / "python3").exists():
+        pytest.skip("bundles/python-agent/rootfs is not built (scripts/setup builds it)")
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bundle = tmp_path / "python-agent"
+    bundle.mkdir()
+    text = (src / "config.json").read_text().replace("8443", str(port))
+    cfg = json.loads(text)
+    cfg["root"]["path"] = str(src / "rootfs")
+    for rule in cfg["gvm"]["egress"]["rules"]:
+        if rule["decision"]["action"] == "require_approval":
+            rule["decision"]["timeout_s"] = 1           # nobody answers here: denied after 1 s
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    key = "k-" + os.urandom(8).hex()
+    up = subprocess.Popen([str(Path(GVMRT).parent / "python"), str(src / "upstream.py"), str(bundle), str(port)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "DEMO_API_KEY": key})
+    try:
+        assert up.stdout is not None and "ready" in up.stdout.readline()
+        env = {"GVMRT_SECRET_DEMO_API": key}
+        res = gv("run", "--watch", "--bundle", str(bundle), "pa-watch", env=env, timeout=120)
+        assert res.rc == 0, res.err
+        from gvmrt.audit.read import merge
+        watched = [r for r in merge(records(segments(str(gv.audit_log("pa-watch")))))
+                   if r.get("record") == "decision" and r.get("mode") != "dns" and r.get("method") not in ("-", "DNS")]
+        cautioned = [r for r in watched if r.get("would") == "delay"]
+        assert cautioned and all(r["decision"] == "allow" for r in watched), watched
+        rules = json.loads(gv.ok("policy", "suggest", "pa-watch").out)
+        cfg["gvm"]["egress"]["rules"] += rules
+        (bundle / "config.json").write_text(json.dumps(cfg))
+        res = gv("run", "--bundle", str(bundle), "pa-enforce", env=env, timeout=120)
+        assert res.rc == 0, res.err
+        enforced = {(r["method"], r["host"], r["path"]): r for r in merge(records(segments(str(gv.audit_log("pa-enforce")))))
+                    if r.get("record") == "decision"}
+        for r in cautioned:
+            now = enforced[(r["method"], r["host"], r["path"])]
+            assert now["decision"] == "allow" and now["rule"].startswith("suggested-"), (r, now)
+        # A call the recording never saw still gets the default caution.
+        cfg["process"]["args"] = ["python3", "-c", "import urllib.request as u\n"
+                                  f"print(u.urlopen('https://api.demo.test:{port}/v2/never-seen', timeout=20).status)"]
+        (bundle / "config.json").write_text(json.dumps(cfg))
+        res = gv("run", "--bundle", str(bundle), "pa-new", env=env, timeout=60)
+        new = [r for r in records(segments(str(gv.audit_log("pa-new")))) if r.get("record") == "decision"]
+        assert [(r["path"], r["decision"], r["rule"], r["flagged"]) for r in new] == [
+            ("/v2/never-seen", "delay", None, True)], (new, res.err)
+    finally:
+        up.terminate()
+        up.wait(10)
+        if up.stdout is not None:
+            up.stdout.close()

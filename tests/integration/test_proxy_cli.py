@@ -68,8 +68,13 @@ def test_gvmrt_proxy_decides_logs_and_cleans_up(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert not key.exists() and not key.parent.exists(), "the run's CA key must not outlive the proxy"
     from gvmrt.audit.read import merge
-    entries = merge(json.loads(line) for line in audit.read_text().splitlines())
+    entries = [e for e in merge(json.loads(line) for line in audit.read_text().splitlines())
+               if e["record"] == "decision"]
     assert [(e["rule"], e["decision"]) for e in entries] == [("local-api", "allow"), ("no-admin", "deny")]
+    # The standalone proxy's log is the same chained log, closed cleanly when it stops.
+    from gvmrt.audit.verify import verify_log
+    report = verify_log([str(audit)], use_host_pin=False)
+    assert report.ok and report.closed, report.problems
 
 
 def test_gvmrt_proxy_bad_input(tmp_path: Path) -> None:

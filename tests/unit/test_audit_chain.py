@@ -58,7 +58,8 @@ def _write_log(path: Path, key: str | None, n: int = 40, batch: int = 8, **kw: A
         log.append({"record": "lifecycle", "event": "created", "time": "2026-11-26T00:00:00.000Z"})
         for i in range(n):
             decision = "deny" if i % 5 == 0 else "allow"
-            seq = log.append({"record": "decision", "time": f"2026-11-26T00:00:{i:02d}.000Z", "request_id": f"r{i:04d}",
+            rid = f"{i:016d}" if i == 7 else f"r{i:04d}"      # request ids may be all digits
+            seq = log.append({"record": "decision", "time": f"2026-11-26T00:00:{i:02d}.000Z", "request_id": rid,
                               "method": "GET", "host": f"h{i % 3}.example", "port": 443, "path": f"/items/{i}",
                               "rule": "r-deny" if decision == "deny" else "r-allow", "decision": decision,
                               "status": 403 if decision == "deny" else None})
@@ -317,6 +318,9 @@ def test_a_proof_verifies_alone_and_fails_when_touched(tmp_path: Path, keys: dic
     assert entry["request_id"] == "r0013" and how.startswith("--pubkey")
     by_seq = make_proof([str(path)], str(entry["seq"]))
     assert by_seq["entry"] == proof["entry"]
+    # An all-digit request id is that request, not the entry of that seq number.
+    digits = verify_proof(make_proof([str(path)], "0000000000000007"), None)[0]
+    assert digits["request_id"] == "0000000000000007" and digits["seq"] != 7
 
     def broken(**change: Any) -> dict[str, Any]:
         return {**proof, **change}
