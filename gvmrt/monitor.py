@@ -120,10 +120,11 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
         # What `gvmrt state` shows of the log (gvmrt.runtime.oci_state); pwrite, as the file was
         # opened before the privileges went.
         import json
-        data = json.dumps(status).encode()
+        # One pwrite of a fixed size (the JSON padded with spaces): a reader never sees half of
+        # one status and half of another, as it could across a write and a truncate.
+        data = json.dumps({**status, "reason": str(status.get("reason") or "")[:2000]}).encode()
         try:
-            os.pwrite(status_fd, data, 0)
-            os.ftruncate(status_fd, len(data))
+            os.pwrite(status_fd, data.ljust(STATUS_SIZE), 0)
         except OSError:
             pass
         if status.get("audit") in ("failing", "failed"):
@@ -190,15 +191,22 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
         cannot take it is retried, and the agent has no network meanwhile (fail closed)."""
         if event != "started":
             return {"ok": False, "error": f"unknown lifecycle event {event!r}"}
-        if started.is_set():
+        if started.is_set() or starting:
             return {"ok": True, "message": "already started"}
+        starting.append(uid)
         entry = {"record": "lifecycle", "event": event, "time": record_time(), "container": conf["id"],
                  "by_uid": uid}
+        seq = None
         while True:
             try:
-                await audit.durable(audit.append(entry))
+                if seq is None:
+                    seq = audit.append(entry)
+                await audit.durable(seq)
                 break
             except AuditError:
+                if audit.failed is not None:
+                    # For good: the agent never gets a network from this monitor.
+                    return {"ok": False, "error": f"cannot record the start: {audit.failed}"}
                 await asyncio.sleep(1)
         started.set()
         sidecar.events.publish(dict(entry))
@@ -254,6 +262,7 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
 
     ended: dict[str, Any] = {}
     started = asyncio.Event()
+    starting: list[int] = []
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
@@ -315,6 +324,7 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
 
 NOBODY = 65534
 STATUS_FILE = "sidecar.status"
+STATUS_SIZE = 4096
 MAX_SEGMENT_BYTES = 64 * 1024 * 1024
 
 
@@ -335,15 +345,16 @@ def _segment_keeper(path: str) -> Any:
             keep = theirs.fileno()
             lsys.close_range(3, keep - 1)
             lsys.close_range(keep + 1)
+            expected = 2            # only ever the next segment, in order: nothing else can be asked
             while True:
                 data = theirs.recv(32)
                 if not data:
                     break
                 try:
-                    n = int(data)
-                    if n < 2:
-                        raise ValueError(n)
-                    fd = open_segment(path, n)
+                    if data != str(expected).encode():
+                        raise ValueError(data)
+                    fd = open_segment(path, expected)
+                    expected += 1
                 except (ValueError, OSError) as exc:
                     theirs.send(f"error {getattr(exc, 'errno', 0) or 22}".encode())
                     continue

@@ -226,6 +226,7 @@ class Runtime:
         if not os.path.isdir(rootfs):
             raise UsageError(f"{cfg_path}: /root/path: root filesystem {rootfs} is not a directory "
                              f"(build it, or fix root.path)")
+        lowers = [rootfs] + _layer_dirs(plan.get("root_layers") or [], cfg_path)
         if plan["process"]["terminal"] and not console_socket:
             raise UsageError(f"{cfg_path}: /process/terminal: true needs --console-socket "
                              f"(or set terminal to false to keep the caller's stdio)")
@@ -299,7 +300,7 @@ class Runtime:
                 # The init reopens the FIFO through /proc/self/fd as the jail's root (runc chowns it too).
                 os.chown(fifo, _host_id(uid_maps, 0, 0), _host_id(gid_maps, 0, 0))
             ctx = {
-                "bundle": bundle, "lowers": [rootfs], "upper": os.path.join(data, "upper"),
+                "bundle": bundle, "lowers": lowers, "upper": os.path.join(data, "upper"),
                 "work": os.path.join(data, "work"), "merged": os.path.join(data, "merged"), "fifo": fifo,
                 "ns_flags": NS_FLAGS, "new_userns": new_userns, "new_netns": "network" in ns_types
                 and not dict(plan["namespaces"])["network"], "gid_mappings": gid_maps,
@@ -316,7 +317,7 @@ class Runtime:
                 if ca_pem is None:
                     os.mkdir(ca_dir, 0o700)
                 audit = self.root.audit_path(cid)
-                os.makedirs(os.path.dirname(audit), mode=0o700, exist_ok=True)
+                _private_dirs(os.path.dirname(audit))
                 _set_aside(audit)
                 audit_key, audit_max = _audit_settings(gvm["audit"], bundle, cfg_path)
                 from _sha256 import sha256
@@ -670,6 +671,33 @@ def _read_secrets(path: str) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise HostError(f"secrets file {path}: must be a JSON object of name: secret")
     return table
+
+
+def _private_dirs(path: str) -> None:
+    """makedirs with every directory it creates 0700 (not the umask's 0755): audit logs are the
+    owner's alone."""
+    old = os.umask(0o077)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    finally:
+        os.umask(old)
+
+
+def _layer_dirs(layers: list[str], cfg_path: str) -> list[str]:
+    """The store's directories of root.layers, top first (OverlayFS lists lowerdirs top down)."""
+    if not layers:
+        return []
+    from gvmrt.errors import ConfigError
+    from gvmrt.layers import Store
+    store = Store()
+    out = []
+    for i, digest in enumerate(layers):
+        if not store.has(digest):
+            raise ConfigError(cfg_path, f"/root/layers/{i}", f"layer {digest} is not in the local layer store "
+                                                             f"({store.dir}): `gvmrt layer add DIR`, or `gvmrt "
+                                                             "unpack` a bundle that carries it")
+        out.append(store.path(digest))
+    return out[::-1]
 
 
 def _record_start(sdir: str, cid: str) -> None:

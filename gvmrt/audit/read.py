@@ -38,6 +38,11 @@ def segments(path: str) -> list[str]:
     return [path] + [p for _, p in sorted(parts)]
 
 
+def is_part(path: str) -> bool:
+    """A rotated segment's file (x.jsonl.N), not a log's first file."""
+    return _PART.search(path) is not None
+
+
 def part_path(path: str, n: int) -> str:
     """The file of segment `n` (1-based) of the log whose first segment is `path`."""
     return path if n == 1 else f"{path}.{n}"

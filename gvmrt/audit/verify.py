@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from hashlib import sha256
 from typing import Any, Iterator
@@ -28,7 +29,12 @@ __all__ = ["Problem", "Report", "verify_log", "make_proof", "verify_proof", "Pro
 
 _SUFFIX = 73        # ,"h":"<64 hex>"}\n
 _DOMAIN = chain.ENTRY_DOMAIN
-_decode = json.JSONDecoder().decode
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON a log can hold")
+
+
+# NaN, Infinity and numbers too big for a float are refused: the writer never writes them.
+_decode = json.JSONDecoder(parse_constant=_no_constant).decode
 MAX_PROBLEMS = 50
 
 
@@ -108,23 +114,34 @@ def parse_line(raw: bytes) -> tuple[dict[str, Any] | None, str | None, str | Non
     body = raw[:-_SUFFIX] + b"}"
     try:
         obj = _decode(body.decode())        # the body alone: h is taken from its fixed place
-    except ValueError as exc:               # UnicodeDecodeError included
-        return None, h, f"format: not JSON ({exc})"
+    except (ValueError, RecursionError) as exc:     # UnicodeDecodeError included
+        return None, h, f"format: not JSON ({str(exc)[:200]})"
     if obj.__class__ is not dict:
         return None, h, "format: not a JSON object"
     if sha256(_DOMAIN + body).hexdigest() != h:
         return obj, h, "hash: the entry does not match its h (it was altered after it was written)"
-    if "h" in obj or chain.canonical(obj).encode() != body:
+    try:
+        canonical = "h" not in obj and chain.canonical(obj).encode() == body
+    except (ValueError, TypeError, RecursionError, UnicodeEncodeError):
+        canonical = False
+    if not canonical:
         return obj, h, "canonical: the entry is not in canonical form (a duplicate key or re-encoded field)"
     obj["h"] = h
     return obj, h, None
 
 
 class _Verifier:
-    def __init__(self, paths: list[str], pubkey: tuple[bytes, str] | None, pin: tuple[bytes, str, str] | None):
+    def __init__(self, paths: list[str], pubkey: tuple[bytes, str] | None, pin: tuple[bytes, str, str] | None,
+                 whole: bool, container: str | None):
         self.r = Report(files=list(paths))
         self.pubkey = pubkey            # --pubkey: (raw, key id)
         self.pin = pin                  # the host's own public key: (raw, key id, path)
+        self.whole = whole              # the whole log: it must start with its header (seq 0)
+        self.container = container      # the container the log must be of (verify ID)
+        self.file = ""                  # the file being read, how many files so far, at its first line?
+        self.files_seen = 0
+        self.file_start = False
+        self.segment = 0
         self.header_pub: bytes | None = None
         self.seq: int | None = None     # the expected next seq
         self.prev: str | None = None    # the last entry's h
@@ -148,6 +165,9 @@ class _Verifier:
 
     def run(self, paths: list[str]) -> Report:
         for file, n, raw, last in _lines(paths):
+            if file != self.file:
+                self.file, self.files_seen = file, self.files_seen + 1
+                self.file_start = True
             if not raw.endswith(b"\n"):
                 if last:
                     self.r.torn = f"{os.path.basename(file)}:{n} ({len(raw)} bytes)"
@@ -162,22 +182,29 @@ class _Verifier:
                 if obj is None or h is None:
                     continue
             self.entry(file, n, obj, h)
+            self.file_start = False
         r = self.r
         r.unsealed = len(self.leaves)
         r.closed = self.last_kind == "seal" and self.closing
-        if self.pubkey is not None and r.key is None and r.batches:
+        if self.pubkey is not None and r.key is None:
             self.problem(paths[0], 1, "key", f"--pubkey names key {self.pubkey[1]} but the log is unsigned")
         if self.pubkey is not None:
             r.pinned = f"--pubkey (key {self.pubkey[1]})"
-        elif self.pin is not None and r.key == self.pin[1]:
+        elif self.pin is not None and r.key == self.pin[1] and self.header_pub == self.pin[0]:
             r.pinned = f"the host's key {self.pin[2]}"
+        if self.container is not None and r.container != self.container:
+            self.problem(paths[0], 1, "chain", f"the log of container {r.container!r}, not of {self.container!r}")
         return r
 
     def entry(self, file: str, n: int, obj: dict[str, Any], h: str) -> None:
         r = self.r
         seq, kind = obj.get("seq"), obj.get("record")
-        if obj.get("v") != chain.VERSION:
+        if obj.get("v").__class__ is not int or obj.get("v") != chain.VERSION:
             self.problem(file, n, "format", f"version {obj.get('v')!r}; this gvmrt reads version {chain.VERSION}")
+        if self.file_start and self.files_seen > 1 and kind != "segment":
+            self.problem(file, n, "chain", f"a {kind!r} entry where a segment file starts with its segment header")
+        if kind == "log" and seq != 0:
+            self.problem(file, n, "chain", f"a log header at seq {seq}: only entry 0 is the log's header")
         if seq.__class__ is not int:
             self.problem(file, n, "format", "no integer seq")
             return
@@ -187,9 +214,15 @@ class _Verifier:
             # The first line: a log's header (seq 0), or a rotated segment's first entry.
             if seq != 0:
                 r.continues = seq
-                if kind != "segment":
+                if self.whole:
+                    self.problem(file, n, "chain", f"the log starts at seq {seq}: its beginning (seq 0, the log "
+                                                   "header) is missing; verify a rotated segment alone by naming "
+                                                   "its file (ID.jsonl.N)")
+                elif kind != "segment":
                     self.problem(file, n, "chain", f"the log starts at seq {seq} with a {kind!r} entry; "
                                                    "a log or segment starts with its header")
+            elif kind != "log":
+                self.problem(file, n, "chain", f"entry 0 is a {kind!r} entry, not the log's header")
             elif obj.get("prev") != chain.ZERO:
                 self.problem(file, n, "chain", "the first entry's prev is not zero")
             self.first = seq
@@ -220,12 +253,19 @@ class _Verifier:
 
     def header(self, file: str, n: int, obj: dict[str, Any], kind: str) -> None:
         r = self.r
+        if kind == "segment":
+            number = obj.get("segment")
+            if number.__class__ is not int or (self.segment and number != self.segment + 1):
+                self.problem(file, n, "chain", f"segment {number!r} follows segment {self.segment}")
+            self.segment = number if number.__class__ is int else self.segment
+        else:
+            self.segment = 1
         if r.log_id is None:
             r.log_id, r.container, r.key = obj.get("log"), obj.get("container"), obj.get("key")
             pub = obj.get("pubkey")
             try:
                 self.header_pub = base64.b64decode(pub, validate=True) if pub else None
-            except ValueError:
+            except (ValueError, TypeError):
                 self.problem(file, n, "key", "the header's pubkey is not base64")
             if self.header_pub is not None and chain.key_id(self.header_pub) != r.key:
                 self.problem(file, n, "key", f"the header's pubkey is key {chain.key_id(self.header_pub)}, "
@@ -250,6 +290,8 @@ class _Verifier:
         if s.get("root") != root:
             self.problem(file, n, "seal", "the Merkle root does not match the batch's entries (an entry of "
                                           "seq {}..{} or the root was altered)".format(self.first, s.get("seq", 0) - 1))
+        if self.root is None and self.r.continues is None and s.get("prev_root") != chain.ZERO:
+            self.problem(file, n, "seal", "the first seal's prev_root is not zero")
         if self.root is not None and s.get("prev_root") != self.root:
             self.problem(file, n, "seal", "prev_root is not the previous seal's root (a batch was removed "
                                           "or replaced)")
@@ -277,9 +319,13 @@ class _Verifier:
             return
         try:
             raw_sig = base64.b64decode(sig, validate=True)
-        except ValueError:
+        except (ValueError, TypeError):
             raw_sig = b""
-        if not verify_signature(pub, raw_sig, chain.seal_message(s)):
+        try:
+            message = chain.seal_message(s)
+        except (ValueError, TypeError):
+            message = b""
+        if not verify_signature(pub, raw_sig, message):
             self.problem(file, n, "signature", f"the Ed25519 signature does not verify with key "
                                                f"{chain.key_id(pub)}")
 
@@ -297,8 +343,15 @@ def host_pin() -> tuple[bytes, str, str] | None:
     return raw, kid, path
 
 
-def verify_log(paths: list[str], pubkey: tuple[bytes, str] | None = None, use_host_pin: bool = True) -> Report:
-    return _Verifier(paths, pubkey, host_pin() if use_host_pin and pubkey is None else None).run(paths)
+def verify_log(paths: list[str], pubkey: tuple[bytes, str] | None = None, use_host_pin: bool = True,
+               container: str | None = None) -> Report:
+    """Check the log made of `paths` (its segment files in order). A single rotated segment
+    (``ID.jsonl.N``) may be checked alone, as a continuation; any other log must start at its
+    header. `container`: the id the log must belong to (when it was found by id)."""
+    from gvmrt.audit.read import is_part
+    whole = not (len(paths) == 1 and is_part(paths[0]))
+    return _Verifier(paths, pubkey, host_pin() if use_host_pin and pubkey is None else None, whole,
+                     container).run(paths)
 
 
 # --- proofs ------------------------------------------------------------------------------
@@ -349,6 +402,10 @@ def make_proof(paths: list[str], ref: str) -> dict[str, Any]:
     raise ProofError(f"no entry {ref!r} in the log (give a seq number or a request id)")
 
 
+def _is_int(v: Any) -> bool:
+    return v.__class__ is int
+
+
 def verify_proof(proof: dict[str, Any], pubkey: tuple[bytes, str] | None) -> tuple[dict[str, Any], str]:
     """Check a proof alone; (the entry, how the signer was pinned). Raises ProofError naming the check."""
     if not isinstance(proof, dict) or proof.get("format") != PROOF_FORMAT:
@@ -357,8 +414,8 @@ def verify_proof(proof: dict[str, Any], pubkey: tuple[bytes, str] | None) -> tup
         entry_raw = proof["entry"].encode() + b"\n"
         seal_raw = proof["seal"].encode() + b"\n"
         index, path = proof["leaf_index"], proof["path"]
-    except (KeyError, AttributeError, TypeError):
-        raise ProofError("a proof needs entry, seal, leaf_index and path") from None
+    except (KeyError, AttributeError, TypeError, UnicodeEncodeError):
+        raise ProofError("a proof needs entry and seal (entry lines), leaf_index and path") from None
     entry, h, problem = parse_line(entry_raw)
     if problem or entry is None or h is None:
         raise ProofError(f"entry: {problem}")
@@ -367,15 +424,20 @@ def verify_proof(proof: dict[str, Any], pubkey: tuple[bytes, str] | None) -> tup
         raise ProofError(f"seal: {problem}")
     if seal.get("record") != "seal":
         raise ProofError("seal: not a seal entry")
-    if not isinstance(index, int) or not isinstance(path, list) or not all(isinstance(p, str) for p in path):
-        raise ProofError("leaf_index must be an integer and path a list of hex strings")
-    if entry.get("seq") != seal.get("first", 0) + index:
-        raise ProofError(f"entry seq {entry.get('seq')} is not leaf {index} of the batch from seq {seal.get('first')}")
-    root = chain.root_from_path(bytes.fromhex(h), index, seal.get("count", 0), path)
+    first, count = seal.get("first"), seal.get("count")
+    if not (_is_int(index) and _is_int(first) and _is_int(count) and isinstance(path, list)
+            and all(isinstance(p, str) and re.fullmatch(r"[0-9a-f]{64}", p) for p in path)):
+        raise ProofError("leaf_index, the seal's first and count must be integers and path a list of 64-digit "
+                         "lowercase hex strings")
+    if entry.get("seq") != first + index or not 0 <= index < count:
+        raise ProofError(f"entry seq {entry.get('seq')} is not leaf {index} of the batch of {count} from seq {first}")
+    root = chain.root_from_path(bytes.fromhex(h), index, count, path)
     if root is None or root != seal.get("root"):
         raise ProofError("inclusion: the path does not lead from the entry to the seal's Merkle root")
     if seal.get("sig") is None:
-        return entry, "unsigned: the seal has no signature (the log was unsigned)"
+        if pubkey is not None:
+            raise ProofError(f"signature: the seal is unsigned, but --pubkey asks for key {pubkey[1]}")
+        return entry, "unsigned: the seal has no signature (the log was unsigned); nothing pins it"
     if pubkey is not None:
         pub, how = pubkey[0], f"--pubkey (key {pubkey[1]})"
         if seal.get("key") != pubkey[1]:
@@ -383,15 +445,16 @@ def verify_proof(proof: dict[str, Any], pubkey: tuple[bytes, str] | None) -> tup
     else:
         try:
             pub = base64.b64decode(proof.get("pubkey") or "", validate=True)
-        except ValueError:
+        except (ValueError, TypeError):
             pub = b""
         how = "the key inside the proof (not pinned: pass --pubkey)"
         if chain.key_id(pub) != seal.get("key"):
             raise ProofError("signature: the proof's pubkey is not the seal's key")
     try:
         sig = base64.b64decode(seal["sig"], validate=True)
-    except ValueError:
-        sig = b""
-    if not verify_signature(pub, sig, chain.seal_message(seal)):
+        message = chain.seal_message(seal)
+    except (ValueError, TypeError):
+        sig, message = b"", b""
+    if not verify_signature(pub, sig, message):
         raise ProofError("signature: the seal's Ed25519 signature does not verify")
-    return entry, how
+    return entry, f"{how}; log {seal.get('log')}"

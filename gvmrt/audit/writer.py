@@ -88,6 +88,8 @@ class AuditLog:
         self._batch_started = time.monotonic()
         self.failed: str | None = None  # permanent failure
         self._outage: dict[str, Any] | None = None
+        self._rotate_pending = False    # the segment is full: the next append starts a new one
+        self._need_header = False       # a new segment still lacks its header
         self._pubkey = base64.b64encode(signer.public_raw).decode() if signer else None
         self.append({"record": "log", "time": record_time(), "log": self.log_id, "container": container,
                      "segment": 1, "key": self.chain.key, "pubkey": self._pubkey})
@@ -130,8 +132,19 @@ class AuditLog:
         return self.chain.seal(record_time()) or b""
 
     def _check(self) -> None:
+        """Before an entry: what must come first (a rotation, a segment header, the record of an
+        outage); an AuditError from any of them refuses the entry, which is not written."""
         if self.failed is not None:
             raise AuditError(self.failed)
+        if self._rotate_pending:
+            self._rotate()
+        if self._need_header:
+            mark = self.chain.mark()
+            # Each segment names its key too, so one file alone can be checked.
+            self._write(self.chain.append({"record": "segment", "time": record_time(), "log": self.log_id,
+                                           "container": self.container, "segment": self.segment,
+                                           "key": self.chain.key, "pubkey": self._pubkey}), mark)
+            self._need_header = False
         if self._outage is not None:
             # The first write that works says what the log missed (a failure here counts in it).
             mark = self.chain.mark()
@@ -149,8 +162,8 @@ class AuditLog:
             problem = exc.strerror or str(exc)
         if problem is None:
             self.size += len(data)
-            if self.size >= self.max_segment_bytes:
-                self._rotate()
+            if self.size >= self.max_segment_bytes and not self._need_header:
+                self._rotate_pending = True
             return
         # Nothing of it counts: forget it in the chain and cut any torn part off the file.
         self.chain.rollback(mark)
@@ -195,9 +208,10 @@ class AuditLog:
             self._fail(f"audit log {self._segment_path()}: fsync: {exc.strerror}")
             raise AuditError(self.failed) from exc
         finally:
+            # Not closing retired descriptors here: if this task is cancelled (shutdown), the
+            # thread may still be in fdatasync on one. They are closed by the next rotation with
+            # no flush running, or by close() (after the loop and its threads are gone).
             self._flush = None
-            while self._retired:
-                os.close(self._retired.pop())
         self._durable = max(self._durable, target)
 
     def sync(self) -> None:
@@ -233,29 +247,28 @@ class AuditLog:
     # --- rotation and close ----------------------------------------------------------------
 
     def _rotate(self) -> None:
+        """Seal and sync the full segment, then continue in the next file (its header is written
+        by _check). Each step is checked: a failure refuses the entry that asked, and the next
+        append tries again from where this one stopped."""
+        mark = self.chain.mark()
         line = self._seal_line()
         if line:
-            os.write(self._fd, line)   # a failure here surfaces at the sync below
+            self._write(line, mark)
         self.sync()
-        old, self.segment = self._fd, self.segment + 1
         try:
-            self._fd = self._opener(self.path, self.segment)
+            fd = self._opener(self.path, self.segment + 1)
         except OSError as exc:
-            self._fd = old
-            self.segment -= 1
-            self._fail(f"audit log {self._segment_path()}: cannot start segment {self.segment + 1}: "
-                       f"{exc.strerror}")
-            return
+            raise AuditError(f"audit log {self.path}: cannot start segment {self.segment + 1}: "
+                             f"{exc.strerror}") from None
+        old, self._fd = self._fd, fd
+        self.segment += 1
+        self._retired.append(old)
         if self._flush is None:
-            os.close(old)
-        else:
-            self._retired.append(old)
+            while self._retired:
+                os.close(self._retired.pop())
         self.size = 0
-        mark = self.chain.mark()
-        # Each segment names its key too, so one file alone can be checked.
-        self._write(self.chain.append({"record": "segment", "time": record_time(), "log": self.log_id,
-                                       "container": self.container, "segment": self.segment,
-                                       "key": self.chain.key, "pubkey": self._pubkey}), mark)
+        self._rotate_pending = False
+        self._need_header = True
 
     def close(self, reason: str = "stopped") -> None:
         """Record the end, seal, sync and close. Best effort: a failing log is closed as it is."""

@@ -76,8 +76,9 @@ def verify(
     from gvmrt.audit.verify import verify_log
     _format(fmt)
     paths = resolve(target, _root())
+    by_id = not (os.sep in target or target.endswith(".jsonl") or os.path.isfile(target))
     try:
-        report = verify_log(paths, _pubkey(pubkey))
+        report = verify_log(paths, _pubkey(pubkey), container=target if by_id else None)
     except OSError as exc:
         raise UsageError(f"{exc.filename}: {exc.strerror}") from None
     if fmt == "json":
@@ -158,8 +159,8 @@ def verify_proof_cmd(
             doc = json.load(f)
     except OSError as exc:
         raise UsageError(f"{proof_file}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise UsageError(f"{proof_file}: not JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise UsageError(f"{proof_file}: not JSON ({str(exc)[:200]})") from None
     try:
         entry, how = verify_proof(doc, _pubkey(pubkey))
     except ProofError as exc:

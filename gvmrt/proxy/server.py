@@ -180,7 +180,8 @@ class Sidecar:
         ex.rule = rule
         if status == "denied":
             ex.decision, ex.reason, ex.status, ex.flagged = "deny", why, dns.NXDOMAIN, True
-            await self._dns_record(ex)
+            if not await self._dns_record(ex):
+                return dns.answer(q, [], rcode=dns.REFUSED)     # a denial nobody can see is not given
             return dns.answer(q, [], rcode=dns.NXDOMAIN)
         ex.status = dns.NOERROR       # the answer's rcode is decided after the record; see the log's reason
         tunnel = self.tunnelling.observe(q.name)

@@ -338,3 +338,45 @@ def test_a_proof_verifies_alone_and_fails_when_touched(tmp_path: Path, keys: dic
         verify_proof(broken(seal=_rewrite(seal).decode().rstrip("\n")), load_public(keys["a.pub"]))
     with pytest.raises(ProofError, match="no entry"):
         make_proof([str(path)], "nope")
+
+
+# --- review findings: forgeries and malformed input -----------------------------------------------
+
+def test_an_unsigned_forged_proof_fails_when_a_key_is_required(tmp_path: Path, keys: dict[str, str]) -> None:
+    path = tmp_path / "u.jsonl"
+    _write_log(path, None)
+    proof = make_proof([str(path)], "r0013")
+    assert "unsigned" in verify_proof(proof, None)[1]
+    with pytest.raises(ProofError, match="unsigned, but --pubkey"):
+        verify_proof(proof, load_public(keys["a.pub"]))
+
+
+def test_a_log_without_key_or_seal_fails_when_a_key_is_required(tmp_path: Path, keys: dict[str, str]) -> None:
+    log = AuditLog(tmp_path / "n.jsonl", container="c")
+    log.append({"record": "decision", "decision": "allow"})
+    os.close(log._fd)                  # a crash: no seal, no close
+    r = verify_log([str(tmp_path / "n.jsonl")], load_public(keys["a.pub"]))
+    assert not r.ok and any(p.check == "key" for p in r.problems)
+
+
+def test_the_beginning_of_a_rotated_log_cannot_be_dropped(tmp_path: Path, keys: dict[str, str]) -> None:
+    _write_log(tmp_path / "d.jsonl", keys["a"], n=300, batch=1000, max_segment_bytes=8192)
+    files = segments(str(tmp_path / "d.jsonl"))
+    os.unlink(files[0])
+    os.rename(files[1], files[0])       # segment 2 passed off as the log's first file
+    r = verify_log(segments(files[0]), load_public(keys["a.pub"]))
+    assert not r.ok and "beginning" in r.problems[0].message
+    r = verify_log(segments(files[0]), load_public(keys["a.pub"]), container="other")
+    assert any("not of 'other'" in p.message for p in r.problems)
+
+
+@pytest.mark.parametrize("body", ['{"prev":"x","record":"decision","seq":1,"v":1,"x":NaN}',
+                                  '{"prev":"x","record":"decision","seq":1,"v":1,"x":1e400}',
+                                  '{"prev":"x","record":"log","seq":0,"v":1,"pubkey":5,"key":"k"}',
+                                  '{"a":' * 5000 + '1' + '}' * 5000])
+def test_malformed_but_hash_consistent_lines_are_problems_not_crashes(tmp_path: Path, body: str) -> None:
+    line = chain.entry_line(body)[1]
+    p = tmp_path / "m.jsonl"
+    p.write_bytes(line)
+    r = verify_log([str(p)], use_host_pin=False)
+    assert not r.ok and r.problems[0].line == 1
