@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 # 4: gvm is a validated model, the plan carries the compiled-checked egress policy, not raw gvm;
 # 5: "gvm" replaces "egress": the sidecar's listeners, CA path and the governed environment;
 # 6: the not-governed notice moved out of the plan's warnings; 7: gvm.credentials; 8: gvm.dns;
-# 9: gvm.audit).
-PLAN_VERSION = 9
+# 9: gvm.audit; 10: root.layers).
+PLAN_VERSION = 10
 
 # runc's libcontainer/specconv mountFlags table: option → (clear?, flag).
 MOUNT_FLAGS: dict[str, tuple[bool, int]] = {
@@ -182,6 +182,7 @@ def compile_config(cfg: Any, warnings: list[str]) -> dict[str, Any]:
         "uid_mappings": [[m.containerID, m.hostID, m.size] for m in cfg.linux.uidMappings],
         "gid_mappings": [[m.containerID, m.hostID, m.size] for m in cfg.linux.gidMappings],
         "root": cfg.root.path,
+        "root_layers": list(cfg.root.layers),
         "root_readonly": cfg.root.readonly,
         "rootfs_propagation": PROPAGATION[cfg.linux.rootfsPropagation or "rprivate"],
         "hostname": cfg.hostname,

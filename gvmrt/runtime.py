@@ -122,7 +122,8 @@ def resolve_target(arg: str, id_override: str | None = None) -> tuple[str, str |
     return validate_id(arg), None
 
 
-def _read_config(bundle: str) -> tuple[bytes, str]:
+def read_config(bundle: str) -> tuple[bytes, str]:
+    """(config.json's bytes, its path) of a bundle directory, or a one-line UsageError."""
     if not os.path.isdir(bundle):
         raise UsageError(f"bundle {bundle}: no such directory")
     path = os.path.join(bundle, "config.json")
@@ -218,7 +219,7 @@ class Runtime:
 
         validate_id(cid)
         bundle = os.path.realpath(bundle)
-        raw, cfg_path = _read_config(bundle)
+        raw, cfg_path = read_config(bundle)
         plan = load_plan(raw, cfg_path)
         for w in plan["warnings"]:
             self.notify(w)

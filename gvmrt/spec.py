@@ -176,6 +176,11 @@ class Process(_Strict):
 class Root(_Strict):
     path: str
     readonly: bool = False
+    # A gvmrt extension (runc ignores it): read-only base layers from the local layer store,
+    # bottom first, stacked under `path` (the bundle's own top layer) as OverlayFS lowerdirs.
+    layers: list[Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]] = Field(
+        default_factory=list, description="base layers from the local layer store (`gvmrt layer add`), bottom "
+                                          "first, under root.path (spec/pack.md, Layers)")
 
     @field_validator("path")
     @classmethod

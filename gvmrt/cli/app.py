@@ -91,6 +91,10 @@ def _groups() -> None:
     app.add_typer(audit_app, name="audit")
     from gvmrt.cli.policy import policy_app
     app.add_typer(policy_app, name="policy")
+    from gvmrt.cli import bundle
+    for name in ("fmt", "validate", "pack", "unpack", "inspect"):
+        app.command(name=name)(getattr(bundle, name))
+    app.add_typer(bundle.layer_app, name="layer")
 
 
 _groups()

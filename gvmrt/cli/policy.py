@@ -120,10 +120,10 @@ def load_policy(bundle: str) -> CompiledPolicy:
     bundle gets create's message."""
     from gvmrt.plan import load_plan
     from gvmrt.policy.matcher import CompiledPolicy
-    from gvmrt.runtime import _read_config
+    from gvmrt.runtime import read_config
     if os.path.basename(bundle) == "config.json" and os.path.isfile(bundle):
         bundle = os.path.dirname(bundle) or "."
-    raw, path = _read_config(os.path.realpath(bundle))
+    raw, path = read_config(os.path.realpath(bundle))
     plan = load_plan(raw, path)
     gvm = plan.get("gvm")
     if gvm is None:

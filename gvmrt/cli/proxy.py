@@ -56,12 +56,8 @@ def proxy(
     from gvmrt.statedir import StateRoot
 
     host, port = _parse_listen(listen)
-    cfg_path = os.path.join(bundle, "config.json")
-    try:
-        with open(cfg_path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise UsageError(f"{cfg_path}: {exc.strerror} (--bundle names a directory with a config.json)") from None
+    from gvmrt.runtime import read_config
+    raw, cfg_path = read_config(bundle)
     if upstream_ca and not os.path.isfile(upstream_ca):
         raise UsageError(f"--upstream-ca {upstream_ca}: no such file")
     cfg = parse_config(raw, cfg_path)

@@ -323,7 +323,7 @@ def _install_ca(ctx: dict[str, Any], sock: Any) -> None:
     if not ca_pem:
         raise ChildError("gvm: no CA from the sidecar")
     try:
-        rootfs.install_ca(ctx["lowers"][0], ctx["upper"], ca_pem.encode(), ctx["gvm"]["ca_path"])
+        rootfs.install_ca(ctx["lowers"], ctx["upper"], ca_pem.encode(), ctx["gvm"]["ca_path"])
     except OSError as exc:
         raise ChildError(f"gvm: cannot put the sidecar's CA in the container's trust store: {exc.strerror}"
                          + (f": {exc.filename}" if exc.filename else "")) from exc

@@ -263,7 +263,7 @@ TRUST_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bu
 MAX_BUNDLE = 16 << 20
 
 
-def install_ca(lower: str, upper: str, pem: bytes, ca_path: str) -> None:
+def install_ca(lowers: list[str], upper: str, pem: bytes, ca_path: str) -> None:
     """Put the sidecar's CA into the jail's trust, by writing the overlay's upper dir before it is
     mounted: ``ca_path`` (what SSL_CERT_FILE and friends name) and, for each distribution trust
     bundle the rootfs has, a copy with the CA appended (a copy-up done by hand).
@@ -273,13 +273,17 @@ def install_ca(lower: str, upper: str, pem: bytes, ca_path: str) -> None:
     jail root's own and, at create, empty. Paths are resolved inside the lower rootfs, so its
     symlinks cannot aim a write outside the upper dir; the bundle's rootfs is never written.
     """
-    _write_upper(lower, upper, secure_join(lower, ca_path), pem)
+    top = lowers[0]
+    _write_upper(top, upper, secure_join(top, ca_path), pem)
     for bundle in TRUST_BUNDLES:
-        path = secure_join(lower, bundle)
-        data = _read_in_root(lower, path)
-        if data is None:
-            continue
-        _write_upper(lower, upper, path, data + (b"" if data.endswith(b"\n") or not data else b"\n") + pem)
+        # With base layers, the bundle comes from the topmost lower that has it (the union's view;
+        # a symlink in one layer to a file in another is not followed across layers).
+        for lower in lowers:
+            path = secure_join(lower, bundle)
+            data = _read_in_root(lower, path)
+            if data is not None:
+                _write_upper(lower, upper, path, data + (b"" if data.endswith(b"\n") or not data else b"\n") + pem)
+                break
 
 
 def _read_in_root(root: str, resolved: str) -> bytes | None:
