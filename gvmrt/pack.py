@@ -172,7 +172,7 @@ def pack(bundle: str, out: str, sign: Any = None, store: Store | None = None,
     cctx = zstandard.ZstdCompressor(level=level, threads=ZSTD_THREADS, write_content_size=False, write_checksum=True)
     total = 0
     try:
-        with open(payload, "wb") as raw_out, cctx.stream_writer(raw_out, closefd=False) as zw:
+        with open(payload, "wb") as raw_file, cctx.stream_writer(raw_out := _Hashing(raw_file), closefd=False) as zw:
             # One thread reads and hashes, in order, while zstd's own threads compress. (Reading
             # ahead in more threads was slower: the files are in the page cache, and the copies
             # and the GIL, not the opens, are the cost.)
@@ -194,20 +194,22 @@ def pack(bundle: str, out: str, sign: Any = None, store: Store | None = None,
             if got != f"sha256:{hexd}":
                 raise PackError(f"layer sha256:{hexd} in the store no longer matches its digest ({got}); "
                                 "remove it and add it again")
+        # The compressed payload's own hash too: the signature then covers every byte of the file
+        # (tar fields gvmrt ignores, padding, zstd frame bits), not only what unpacking uses.
         manifest = {"format": FORMAT, "bundle": summary, "entries": values,
                     "totals": {"entries": len(values), "files": sum(1 for v in values if v["type"] == "file"),
-                               "bytes": total}}
+                               "bytes": total},
+                    "payload": {"sha256": raw_out.hash.hexdigest(), "size": raw_out.size}}
         mbytes = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-        head = _header(MANIFEST, "file", 0o644, len(mbytes)) + mbytes + _pad(len(mbytes))
         signer = None
+        sbytes = None
         if sign is not None:
             sig = {"key": sign.key, "pubkey": base64.b64encode(sign.public_raw).decode(),
                    "sig": base64.b64encode(sign.sign(SIG_DOMAIN + mbytes)).decode()}
             sbytes = json.dumps(sig, sort_keys=True, separators=(",", ":")).encode()
-            head += _header(SIGNATURE, "file", 0o644, len(sbytes)) + sbytes + _pad(len(sbytes))
             signer = sign.key
         with open(final_tmp, "wb") as f:
-            f.write(zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True).compress(head))
+            f.write(head_frame(mbytes, sbytes))
             with open(payload, "rb") as p:
                 _copy(p, f)
         os.replace(final_tmp, out)
@@ -225,6 +227,31 @@ def pack(bundle: str, out: str, sign: Any = None, store: Store | None = None,
             pass
     return {"file": out, "size": os.path.getsize(out), "entries": len(values), "bytes": total,
             "layers": summary["layers"], "signed_by": signer, "notes": notes}
+
+
+class _Hashing:
+    """A file that hashes what is written to it."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.hash, self.size = f, sha256(), 0
+
+    def write(self, data: Any) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def head_frame(mbytes: bytes, sbytes: bytes | None) -> bytes:
+    """The file's first zstd frame for a manifest (and signature): a pure function of them, so an
+    unpacker rebuilds it and compares, byte for byte."""
+    import zstandard
+    head = _header(MANIFEST, "file", 0o644, len(mbytes)) + mbytes + _pad(len(mbytes))
+    if sbytes is not None:
+        head += _header(SIGNATURE, "file", 0o644, len(sbytes)) + sbytes + _pad(len(sbytes))
+    return zstandard.ZstdCompressor(level=3, threads=-1, write_checksum=True).compress(head)
 
 
 class _Batched:
@@ -316,7 +343,8 @@ def _member_bytes(tf: Any, ti: Any, limit: int, what: str) -> bytes:
 
 
 def read_head(tf: Any, path: str) -> tuple[dict[str, Any], bytes, dict[str, Any] | None, Any]:
-    """(manifest, its bytes, signature or None, the first payload member or None)."""
+    """(manifest, its bytes, signature or None, the first payload member or None). The
+    signature's bytes are in the returned signature under "_bytes"."""
     import zstandard
     try:
         ti = tf.next()
@@ -326,7 +354,10 @@ def read_head(tf: Any, path: str) -> tuple[dict[str, Any], bytes, dict[str, Any]
         ti = tf.next()
         sig = None
         if ti is not None and ti.name == SIGNATURE:
-            sig = json.loads(_member_bytes(tf, ti, 1 << 16, SIGNATURE))
+            sbytes = _member_bytes(tf, ti, 1 << 16, SIGNATURE)
+            sig = json.loads(sbytes)
+            if isinstance(sig, dict):
+                sig["_bytes"] = sbytes
             ti = tf.next()
     except (tarfile.TarError, zstandard.ZstdError, OSError, EOFError) as exc:
         raise PackError(f"{path}: damaged ({exc})") from None
@@ -550,6 +581,8 @@ def unpack(archive: str, dest: str, pubkey: tuple[bytes, str] | None = None, sto
         writers.finish()
         if ti is not None:
             raise PackError(f"{archive}: member {ti.name!r} is not in the manifest")
+        # Last, every byte of the file: the first frame rebuilt from the manifest, the rest hashed.
+        _check_payload(archive, f, _check_head(archive, f, mbytes, sig), manifest)
         for h, lt in layer_tmp.items():
             got = tree_digest(_relative(plan.layers[h], f"layers/sha256/{h}/"))
             if got != f"sha256:{h}":
@@ -580,6 +613,30 @@ def unpack(archive: str, dest: str, pubkey: tuple[bytes, str] | None = None, sto
     return {"dest": dest, "signature": signer, "entries": len(plan.entries), "bytes": written,
             "layers_added": added, "layers_present": sorted(f"sha256:{h}" for h in plan.layers
                                                             if f"sha256:{h}" not in added)}
+
+
+def _check_head(archive: str, f: Any, mbytes: bytes, sig: dict[str, Any] | None) -> int:
+    """The first frame must be exactly the one gvmrt writes for this manifest; its length."""
+    want = head_frame(mbytes, sig.get("_bytes") if sig else None)
+    if os.pread(f.fileno(), len(want), 0) != want:
+        raise PackError(f"{archive}: its first frame is not the one gvmrt writes for its manifest (the file "
+                        "was altered there)")
+    return len(want)
+
+
+def _check_payload(archive: str, f: Any, head_len: int, manifest: dict[str, Any]) -> None:
+    """Every byte after the first frame, against the payload hash the (signed) manifest holds."""
+    want = manifest.get("payload") or {}
+    h = sha256()
+    size = 0
+    offset = head_len
+    while chunk := os.pread(f.fileno(), CHUNK * 4, offset):
+        h.update(chunk)
+        size += len(chunk)
+        offset += len(chunk)
+    if want.get("sha256") != h.hexdigest() or want.get("size") != size:
+        raise PackError(f"{archive}: the compressed payload does not match the manifest's payload sha256 (the "
+                        "file was altered, or cut short)")
 
 
 def _next(tf: Any, archive: str) -> Any:

@@ -103,7 +103,7 @@ def test_signed_bundle_verifies_and_any_flipped_byte_is_refused(tmp_path: Path, 
     out = unpack(str(tmp_path / "s.gvmb"), str(tmp_path / "ok"), load_public(keys["a.pub"]), store=store)
     assert out["signature"].startswith("signed by key")
     data = (tmp_path / "s.gvmb").read_bytes()
-    for pos in range(0, len(data), max(1, len(data) // 23)):
+    for pos in range(len(data)):       # every byte: the signature covers all of them
         bad = bytearray(data)
         bad[pos] ^= 0x40
         (tmp_path / "bad.gvmb").write_bytes(bytes(bad))
