@@ -15,6 +15,7 @@ Requests and replies (every reply has "ok", and "error" when it is false):
                                                           (TEXT: the policy as canonical JSON, validated by the CLI)
     {"op": "events"}                                   -> {"ok": true}, then one {"event": ...} per line
     {"op": "lifecycle", "event": "started"}            -> {"ok": true} once the step is in the audit log
+    {"op": "record", "entries": [filesystem record]}   -> {"ok": true} once they are in the audit log
                                                           ("decision" records, "held" requests) until
                                                           the client closes
 """
@@ -74,7 +75,8 @@ def bind(directory: str) -> socket.socket:
 
 # --- the monitor's side ------------------------------------------------------------------------
 
-async def serve(listener: socket.socket, sidecar: Any, owner: int, reload: Any = None, lifecycle: Any = None) -> Any:
+async def serve(listener: socket.socket, sidecar: Any, owner: int, reload: Any = None, lifecycle: Any = None,
+                record: Any = None) -> Any:
     """Serve the control socket for `sidecar` (a gvmrt.proxy.server.Sidecar); returns the server.
     `await reload(policy_text, uid) -> reply` applies a new policy (the monitor's, which knows the
     rest); `await lifecycle(event, uid) -> reply` records a lifecycle step (gvmrt start)."""
@@ -114,6 +116,8 @@ async def serve(listener: socket.socket, sidecar: Any, owner: int, reload: Any =
                     await _reply(writer, await reload(msg.get("egress_json"), uid))
                 elif op == "lifecycle" and lifecycle is not None:
                     await _reply(writer, await lifecycle(msg.get("event"), uid))
+                elif op == "record" and record is not None:
+                    await _reply(writer, await record(msg.get("entries"), uid))
                 elif op == "events":
                     await _stream(reader, writer, sidecar)
                     return

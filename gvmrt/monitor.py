@@ -212,6 +212,22 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
         sidecar.events.publish(dict(entry))
         return {"ok": True}
 
+    async def record(entries: Any, uid: int) -> dict[str, Any]:
+        """Filesystem commits and discards `gvmrt commit` made (gvmrt.review): into the log, durably."""
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and e.get("record") == "filesystem"
+                                                    for e in entries):
+            return {"ok": False, "error": "record takes a list of filesystem records"}
+        try:
+            seq = -1
+            for e in entries:
+                seq = audit.append({**e, "by_uid": uid})
+            await audit.durable(seq)
+        except AuditError as exc:
+            return {"ok": False, "error": f"cannot record: {exc}"}
+        for e in entries:
+            sidecar.events.publish({"event": "filesystem", **e})
+        return {"ok": True}
+
     async def reload(text: Any, uid: int) -> dict[str, Any]:
         """Swap in a policy `gvmrt update` validated; recorded in the log with both hashes (of the
         canonical JSON text applied)."""
@@ -279,7 +295,7 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
         servers = []
         tasks = []
         sidecar.start()
-        servers.append(await control.serve(control_sock, sidecar, conf["owner"], reload, lifecycle))
+        servers.append(await control.serve(control_sock, sidecar, conf["owner"], reload, lifecycle, record))
         loop.run_in_executor(None, sidecar.pool.tls_context)     # ~20 ms, off the loop
         # The agent cannot connect before `start` (its init waits on the exec FIFO); its first
         # connections queue in the listeners' backlog until the start is on record.

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 # 4: gvm is a validated model, the plan carries the compiled-checked egress policy, not raw gvm;
 # 5: "gvm" replaces "egress": the sidecar's listeners, CA path and the governed environment;
 # 6: the not-governed notice moved out of the plan's warnings; 7: gvm.credentials; 8: gvm.dns;
-# 9: gvm.audit; 10: root.layers).
-PLAN_VERSION = 10
+# 9: gvm.audit; 10: root.layers; 11: gvm.filesystem).
+PLAN_VERSION = 11
 
 # runc's libcontainer/specconv mountFlags table: option → (clear?, flag).
 MOUNT_FLAGS: dict[str, tuple[bool, int]] = {
@@ -233,9 +233,6 @@ def _gvm(cfg: Any, ns_types: list[str], warnings: list[str]) -> dict[str, Any] |
         raise ConfigError("config.json", f"/linux/namespaces/{i}/path",
                           "a bundle with a gvm section cannot join an existing network namespace: traffic there "
                           "would bypass the sidecar; remove the path")
-    reserved = sorted(k for k in ("filesystem",) if getattr(cfg.gvm, k) is not None)
-    if reserved:
-        warnings.append(f"gvm.{{{','.join(reserved)}}} not enforced by this gvmrt version (egress is)")
     egress = _egress(cfg)
     ports = {port for rule in (cfg.gvm.egress.rules if cfg.gvm.egress else ()) for port in rule.ports or ()}
     creds = []
@@ -251,6 +248,7 @@ def _gvm(cfg: Any, ns_types: list[str], warnings: list[str]) -> dict[str, Any] |
         "proxy_port": PROXY_PORT,
         "ca_path": CA_PATH,
         "audit": cfg.gvm.audit.model_dump() if cfg.gvm.audit is not None else {},
+        "filesystem": cfg.gvm.filesystem.model_dump() if cfg.gvm.filesystem is not None else {},
     }
 
 

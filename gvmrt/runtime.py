@@ -267,6 +267,7 @@ class Runtime:
         if watch and gvm is None:
             raise UsageError(f"--watch records what the sidecar sees, but {cfg_path} has no gvm section "
                              "(add \"gvm\": {} to govern this bundle)")
+        workspaces = _workspaces(gvm, bundle, cfg_path)
         data = self.root.data_dir(cid)  # may fail (no home): before anything is made
 
         self.root.ensure()
@@ -297,6 +298,13 @@ class Runtime:
                 remove_tree(data, uid_maps, gid_maps)
                 self.notify(f"removed the stale overlay upper dir of an earlier container {cid!r}: {data}")
             _make_data_dirs(data, rootfs, uid_maps, gid_maps)
+            for i, ws in enumerate(workspaces):
+                _make_workspace_dirs(data, i, ws, uid_maps, gid_maps)
+            if workspaces:
+                st["workspaces"] = [{"source": w["source"], "destination": w["destination"], "upper": w["upper"]}
+                                    for w in workspaces]
+                fs = gvm["filesystem"] if gvm is not None else {}
+                st["fs_policy"] = {"rules": fs.get("rules") or [], "default": fs.get("default") or "review"}
             if uid == 0:
                 # The init reopens the FIFO through /proc/self/fd as the jail's root (runc chowns it too).
                 os.chown(fifo, _host_id(uid_maps, 0, 0), _host_id(gid_maps, 0, 0))
@@ -305,7 +313,7 @@ class Runtime:
                 "work": os.path.join(data, "work"), "merged": os.path.join(data, "merged"), "fifo": fifo,
                 "ns_flags": NS_FLAGS, "new_userns": new_userns, "new_netns": "network" in ns_types
                 and not dict(plan["namespaces"])["network"], "gid_mappings": gid_maps,
-                "setgroups_denied": setgroups_denied, "preserve_fds": preserve_fds,
+                "setgroups_denied": setgroups_denied, "preserve_fds": preserve_fds, "workspaces": workspaces,
                 # read here, not in the jail: after pivot_root /proc is the container's to fake
                 "last_cap": lsys.last_cap(),
             }
@@ -332,7 +340,7 @@ class Runtime:
                     "ca_pooled": ca_pem is not None})
                 secrets = {}
                 ctx["gvm"] = gvm
-                st["sidecar"] = {"pid": mon_pid, "audit": audit}
+                st["sidecar"] = {"pid": mon_pid, "audit": audit, "audit_key": audit_key}
                 mon_start = _starttime(mon_pid)
                 st["sidecar"]["pid_start"] = mon_start[0] if mon_start else 0
                 # On record at once: if this create is killed from here on, delete --force finds
@@ -470,7 +478,7 @@ class Runtime:
             _send_signal(pid, sig, st["pid_start"] if pid == st["pid"] else None)
 
     # delete -----------------------------------------------------------------
-    def delete(self, cid: str, force: bool = False) -> None:
+    def delete(self, cid: str, force: bool = False, discard_changes: bool = False) -> None:
         sdir = self.root.dir(validate_id(cid))
         if not os.path.isdir(sdir):
             raise ContainerNotFound(cid)
@@ -515,6 +523,16 @@ class Runtime:
                     raise
                 data = None
                 self.notify(f"{exc}; removing only the state of {cid!r}")
+            if st.get("workspaces") and data is not None and os.path.isdir(data):
+                # What the agent wrote: auto-committed or discarded by gvm.filesystem, and what
+                # waits for review keeps the container unless the caller drops it (recorded).
+                from gvmrt.review import settle
+                try:
+                    settle(sdir, data, st, force or discard_changes, self.notify)
+                except GvmrtError as exc:
+                    if not force or isinstance(exc, StateError):
+                        raise
+                    self.notify(str(exc))
             _remove_container(sdir, data, st.get("uid_mappings") or [], st.get("gid_mappings") or [])
         finally:
             lock.release()
@@ -552,6 +570,20 @@ class Runtime:
         for s in forwarded:
             _signal.signal(s, _signal.SIG_DFL)
         sdir = self.root.dir(cid)
+        try:
+            full = read_state(sdir, cid) if not keep else {}
+        except GvmrtError:
+            full = {}
+        if full.get("workspaces"):
+            # Changes held for review outlive `run`: the container stays until they are committed
+            # or dropped (gvmrt diff / commit / delete --discard-changes).
+            from gvmrt.review import workspaces
+            held = sum(1 for ws in workspaces(full, self.root.data_dir(cid))
+                       for _c, action, _g in ws.changes() if action == "review")
+            if held:
+                keep = True
+                self.notify(f"container {cid!r} kept: {held} change(s) in its workspaces wait for review "
+                            f"(gvmrt diff {cid}; gvmrt commit {cid} --all; gvmrt delete --discard-changes {cid})")
         if keep:
             try:
                 st_full = read_state(sdir, cid)
@@ -927,6 +959,36 @@ def _host_id(maps: list[list[int]], cid: int, default: int) -> int:
         if c <= cid < c + size:
             return h + cid - c
     return default
+
+
+def _workspaces(gvm: dict[str, Any] | None, bundle: str, cfg_path: str) -> list[dict[str, Any]]:
+    """The host directories gvm.filesystem.workspaces names, checked (absolute, existing)."""
+    out: list[dict[str, Any]] = []
+    for i, w in enumerate(((gvm or {}).get("filesystem") or {}).get("workspaces") or ()):
+        src = os.path.realpath(os.path.join(bundle, os.path.expanduser(w["source"])))
+        if not os.path.isdir(src):
+            from gvmrt.errors import ConfigError
+            raise ConfigError(cfg_path, f"/gvm/filesystem/workspaces/{i}/source", f"{src} is not a directory")
+        out.append({"source": src, "destination": w["destination"]})
+    return out
+
+
+def _make_workspace_dirs(data: str, i: int, ws: dict[str, Any], uid_maps: list[list[int]],
+                         gid_maps: list[list[int]]) -> None:
+    """A workspace's upper and work dirs (owned like the root's upper) and its baseline: the host
+    directory's state now, which `gvmrt commit` checks for conflicts."""
+    from gvmrt.workspace import baseline, save_baseline
+    wdir = os.path.join(data, "workspaces", str(i))
+    os.makedirs(wdir, mode=0o700)
+    owner = (_host_id(uid_maps, 0, os.getuid()), _host_id(gid_maps, 0, os.getgid()))
+    ws["upper"], ws["work"] = os.path.join(wdir, "upper"), os.path.join(wdir, "work")
+    for path in (ws["upper"], ws["work"]):
+        os.mkdir(path, 0o700)
+    os.chmod(ws["upper"], os.stat(ws["source"]).st_mode & 0o7777)
+    save_baseline(os.path.join(wdir, "baseline.json"), baseline(ws["source"]))
+    if os.getuid() == 0 and owner != (0, 0):
+        for path in (os.path.join(data, "workspaces"), wdir, ws["upper"], ws["work"]):
+            os.chown(path, *owner)
 
 
 def _make_data_dirs(data: str, rootfs: str, uid_maps: list[list[int]], gid_maps: list[list[int]]) -> None:

@@ -344,6 +344,27 @@ class Dns(_Strict):
     tunnel_delay_ms: int = Field(2000, ge=0, le=60_000)
 
 
+class FsRule(_Strict):
+    """A class of changed paths and what happens to them (spec/filesystem.md)."""
+
+    paths: list[str] = Field(min_length=1, description="globs relative to the workspace: * one segment, ** any depth")
+    action: Literal["commit", "review", "discard"]
+
+
+class Workspace(_Strict):
+    source: str = Field(min_length=1, description="host directory (relative to the bundle, or absolute); never "
+                                                  "written by the container")
+    destination: str = Field(min_length=2, pattern=r"^/", description="where the jail sees it")
+
+
+class Filesystem(_Strict):
+    """gvm.filesystem: workspaces the agent may propose changes to (spec/filesystem.md)."""
+
+    workspaces: list[Workspace] = Field(default_factory=list)
+    rules: list[FsRule] = Field(default_factory=list)
+    default: Literal["commit", "review", "discard"] = "review"
+
+
 class Audit(_Strict):
     """gvm.audit: how the container's audit log is signed (spec/audit.md)."""
 
@@ -367,7 +388,7 @@ class Gvm(_Strict):
     egress: Egress | None = None
     credentials: list[Credential] | None = None
     dns: Dns | None = None
-    filesystem: dict[str, Any] | None = Field(None, description="reserved, not enforced yet")
+    filesystem: Filesystem | None = None
     audit: Audit | None = None
 
     @field_validator("credentials")

@@ -94,6 +94,72 @@ class AuditLog:
         self.append({"record": "log", "time": record_time(), "log": self.log_id, "container": container,
                      "segment": 1, "key": self.chain.key, "pubkey": self._pubkey})
 
+    @classmethod
+    def resume(cls, path: str, *, signer: Any = None) -> AuditLog:
+        """Continue a log whose monitor is gone (to record what `gvmrt commit` or `delete` did
+        after the container stopped): its chain, open batch and last seal are read back from the
+        last segment, and it goes on from there. Refused if the log ends torn or is signed by a
+        key other than `signer`'s. The caller must be the only writer (the monitor has exited)."""
+        from gvmrt.audit.read import segments
+        from gvmrt.audit.verify import parse_line
+        last = segments(path)[-1]
+        header: dict[str, Any] | None = None
+        prev, seq, root = None, -1, None
+        leaves: list[bytes] = []
+        first = 0
+        size = 0
+        with open(last, "rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    raise AuditError(f"audit log {last}: it ends with a torn line; run `gvmrt audit verify` on it")
+                obj, h, problem = parse_line(raw)
+                if problem is not None or obj is None or h is None:
+                    raise AuditError(f"audit log {last}: line {seq + 2 if seq >= 0 else 1} does not verify ({problem}); "
+                                     "not appending to it")
+                size += len(raw)
+                seq, prev = obj["seq"], h
+                if obj.get("record") in ("log", "segment") and header is None:
+                    header = obj
+                if obj.get("record") == "seal":
+                    root, leaves, first = obj.get("root"), [], seq + 1
+                else:
+                    leaves.append(bytes.fromhex(h))
+        if header is None or prev is None:
+            raise AuditError(f"audit log {last}: no header; not appending to it")
+        key = header.get("key")
+        if key is not None and (signer is None or signer.key != key):
+            raise AuditError(f"audit log {last}: signed by key {key}; its private key is needed to continue it "
+                             f"({'another key was given' if signer is not None else 'none is configured'})")
+        self = cls.__new__(cls)
+        self.path = path
+        self.container = header.get("container", "")
+        self.max_segment_bytes = MAX_SEGMENT_BYTES
+        self.batch_max = BATCH_MAX
+        self._opener = open_segment
+        self.on_status = None
+        self.log_id = header.get("log")
+        self.signed = key is not None
+        self.chain = Chain(self.log_id, signer.sign if key is not None else None, key, seq=seq + 1, prev=prev,
+                           prev_root=root or "0" * 64)
+        self.chain.first, self.chain.leaves = first, leaves
+        self.segment = int(header.get("segment") or 1)
+        self._pubkey = header.get("pubkey")
+        try:
+            self._fd = os.open(last, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise AuditError(f"audit log {last}: cannot append: {exc.strerror}") from None
+        self.size = size
+        self.fsyncs = 0
+        self._durable = seq
+        self._flush = None
+        self._retired = []
+        self._batch_started = time.monotonic()
+        self.failed = None
+        self._outage = None
+        self._rotate_pending = False
+        self._need_header = False
+        return self
+
     # --- appending -------------------------------------------------------------------------
 
     def append(self, entry: dict[str, Any]) -> int:

@@ -59,9 +59,11 @@ VERBS: dict[str, dict[str, Any]] = {
     "kill": {"usage": "kill [--all] <id | bundle-dir> [SIGNAL]",
              "help": "Send SIGNAL (name like TERM/SIGTERM or number; default TERM) to the container.",
              "opts": {"--all": (False, "signal every process of the container")}},
-    "delete": {"usage": "delete [--force] <id | bundle-dir>",
+    "delete": {"usage": "delete [--force] [--discard-changes] <id | bundle-dir>",
                "help": "Remove a stopped container (with --force, kill it first); never fails to clean up.",
-               "opts": {"--force": (False, "kill a running container, and clean up half-created ones")}},
+               "opts": {"--force": (False, "kill a running container, and clean up half-created ones (and drop "
+                                           "workspace changes held for review)"),
+                        "--discard-changes": (False, "drop workspace changes held for review (recorded)")}},
     "list": {"usage": "list [--format table|json] [--quiet]", "help": "List containers.",
              "opts": {"--format": (True, "table (default) or json"), "--quiet": (False, "print ids only")}},
 }
@@ -304,7 +306,7 @@ def run_verb(verb: str, gopts: dict[str, Any], argv: list[str], out: Out) -> int
     elif verb == "state":
         sys.stdout.write(json.dumps(rt.state(cid), indent=2) + "\n")
     elif verb == "delete":
-        rt.delete(cid, force=bool(opts.get("--force")))
+        rt.delete(cid, force=bool(opts.get("--force")), discard_changes=bool(opts.get("--discard-changes")))
     return 0
 
 

@@ -95,6 +95,9 @@ def _groups() -> None:
     for name in ("fmt", "validate", "pack", "unpack", "inspect"):
         app.command(name=name)(getattr(bundle, name))
     app.add_typer(bundle.layer_app, name="layer")
+    from gvmrt.cli import review
+    for name in ("diff", "commit"):
+        app.command(name=name)(getattr(review, name))
 
 
 _groups()

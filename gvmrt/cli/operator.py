@@ -106,6 +106,11 @@ def _raw_line(e: dict[str, Any]) -> str | None:
         else:
             detail = f"by uid {e['by_uid']}" if "by_uid" in e else ""
         return f"{t} container {event} {detail}".rstrip()
+    if kind == "filesystem" or e.get("event") == "filesystem":
+        mark = {"added": "A", "modified": "M", "deleted": "D"}.get(str(e.get("change")), "?")
+        digest = f"  sha256 {str(e.get('sha256'))[:16]}" if e.get("sha256") else ""
+        return (f"{t} workspace {e.get('event', '')} {mark} {e.get('workspace', '')}/{e.get('path', '')}{digest}"
+                f"  ({e.get('reason', '')})")
     if e.get("event") == "audit":
         return (f"{t} the audit log is {e.get('audit')}" + (f": {e['reason']}" if e.get("reason") else "")
                 + (" (governed requests are refused)" if e.get("audit") in ("failing", "failed") else ""))

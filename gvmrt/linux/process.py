@@ -247,7 +247,8 @@ def _init(ctx: dict[str, Any], plan: dict[str, Any], sock: Any) -> None:
     gid_mapped = _mapped(ctx["gid_mappings"]) if ctx["new_userns"] else (lambda gid: True)
     if ctx.get("gvm"):
         _install_ca(ctx, sock)
-    rootfs.setup(plan, ctx["lowers"], ctx["upper"], ctx["work"], ctx["merged"], ctx["new_userns"], gid_mapped)
+    rootfs.setup(plan, ctx["lowers"], ctx["upper"], ctx["work"], ctx["merged"], ctx["new_userns"], gid_mapped,
+                 ctx.get("workspaces") or [])
     if ctx["new_netns"]:
         lsys.loopback_up()
     listening = _sidecar_side(ctx) if ctx.get("gvm") else []

@@ -222,11 +222,17 @@ def mask_paths(rootfs: str, masked: list[str], readonly: list[str]) -> None:
 
 
 def setup(plan: dict[str, Any], lowers: list[str], upper: str, work: str, merged: str,
-          in_userns: bool, gid_mapped: Any) -> None:
+          in_userns: bool, gid_mapped: Any, workspaces: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
     """Build the jail's root at ``merged``: everything up to (not including) pivot_root."""
     # Nothing we mount may propagate back to the host (and vice versa, unless asked).
     lsys.mount(None, "/", None, lsys.MS_REC | lsys.MS_PRIVATE)
     mount_overlay(lowers, upper, work, merged, in_userns)
+    for ws in workspaces:
+        # A workspace: the host directory as the lower (read-only to the jail), the container's
+        # own upper dir for what the agent writes (gvmrt.workspace reads it for diff and commit).
+        target = secure_join(merged, ws["destination"])
+        os.makedirs(target, exist_ok=True)
+        mount_overlay([ws["source"]], ws["upper"], ws["work"], target, in_userns)
     for m in plan["mounts"]:
         _mount_one(merged, m, gid_mapped)
     setup_dev(merged)

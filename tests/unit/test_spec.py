@@ -202,10 +202,11 @@ def test_governed_process_gets_proxy_and_trust_variables_that_replace_its_own() 
     assert len(plan["process"]["env"]) == len(env)  # no duplicates left behind
 
 
-def test_gvm_reserved_sections_are_accepted_and_noticed_as_not_enforced() -> None:
+def test_gvm_sections_are_accepted_and_none_is_reported_as_not_enforced() -> None:
     plan, warnings = check(raw_of(governed(dns={"unknown_delay_ms": 50}, filesystem={}, audit={})))
     assert plan["gvm"]["egress"] == {}
-    assert warnings == ["gvm.{filesystem} not enforced by this gvmrt version (egress is)"]
+    assert warnings == []
+    assert plan["gvm"]["filesystem"] == {"workspaces": [], "rules": [], "default": "review"}
     assert plan["gvm"]["dns"] == {"unknown_delay_ms": 50, "tunnel_threshold": 20, "tunnel_delay_ms": 2000}
     assert plan["gvm"]["audit"] == {"key": None, "require_signed": False}
 

@@ -1,0 +1,64 @@
+"""gvmrt.workspace on hand-made upper dirs: overlayfs's whiteouts and opaque directories read as
+deletions and replacements; classification by gvm.filesystem rules; commit never follows links."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from gvmrt.workspace import CommitError, Conflict, baseline, changes, classify, commit
+
+
+@pytest.fixture
+def layers(tmp_path: Path) -> tuple[Path, Path]:
+    if os.geteuid() != 0:
+        pytest.skip("a whiteout is a 0/0 character device: mknod needs CAP_MKNOD")
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    (lower / "d").mkdir(parents=True)
+    (lower / "d" / "x").write_text("x")
+    (lower / "d" / "sub").mkdir()
+    (lower / "d" / "sub" / "deep").write_text("deep")
+    (lower / "f").write_text("f")
+    (lower / "same").write_text("same")
+    upper.mkdir()
+    os.mknod(upper / "f", stat.S_IFCHR | 0o000, os.makedev(0, 0))      # whiteout: f deleted
+    (upper / "d").mkdir()
+    os.setxattr(upper / "d", "user.overlay.opaque", b"y")                # d replaced
+    (upper / "d" / "x").write_text("x")                                  # same as before: no change
+    (upper / "d" / "y").write_text("y")
+    (upper / "same").write_text("same")                                  # a copy-up that changed nothing
+    return lower, upper
+
+
+def test_whiteouts_and_opaque_directories(layers: tuple[Path, Path]) -> None:
+    lower, upper = layers
+    got = {(c.kind, c.path) for c in changes(str(lower), str(upper))}
+    assert got == {("deleted", "f"), ("deleted", "d/sub"), ("added", "d/y")}
+
+
+def test_classify_takes_the_first_matching_rule() -> None:
+    rules = [{"paths": ["docs/**"], "action": "commit"}, {"paths": ["**/*.log"], "action": "discard"}]
+    assert classify("docs/a/b.md", rules) == ("commit", "docs/**")
+    assert classify("x/y.log", rules) == ("discard", "**/*.log")
+    assert classify("y.log", rules) == ("discard", "**/*.log")
+    assert classify("src/a.py", rules) == ("review", None)
+
+
+def test_commit_refuses_links_out_and_host_changes(tmp_path: Path) -> None:
+    host, upper = tmp_path / "host", tmp_path / "upper"
+    host.mkdir()
+    upper.mkdir()
+    (host / "a").write_text("1")
+    base = baseline(str(host))
+    (upper / "a").write_text("2")
+    (upper / "link").symlink_to("/etc")
+    ch = {c.path: c for c in changes(str(host), str(upper))}
+    with pytest.raises(CommitError, match="outside the workspace"):
+        commit(str(host), str(upper), ch["link"], base, False)
+    (host / "a").write_text("3")
+    with pytest.raises(Conflict, match="changed on the host"):
+        commit(str(host), str(upper), ch["a"], base, False)
+    assert (host / "a").read_text() == "3" and not os.path.lexists(host / "link")
