@@ -155,6 +155,8 @@ class Store:
         """Move a verified tree into place; False if the layer was there already (tmp removed)."""
         hexd = parse_digest(digest)
         final = os.path.join(self.dir, hexd)
+        if os.path.lexists(final) and not self.has(digest):
+            remove(final)                     # left by a commit that died before its metadata
         try:
             os.rename(tmp, final)
         except OSError:
@@ -317,7 +319,9 @@ def _extract_tar(src: str, dest: str, notes: list[str], on_bytes: Callable[[int]
                 made[name] = "symlink"
             elif ti.islnk():
                 # A hard link becomes a copy of the earlier regular file it names.
-                link = ti.linkname.lstrip("./") if ti.linkname.startswith("./") else ti.linkname
+                link = ti.linkname
+                while link.startswith("./"):
+                    link = link[2:]
                 if made.get(link) != "file":
                     raise LayerError(f"{src}: member {ti.name!r}: hard link to {ti.linkname!r}, not an earlier file")
                 shutil.copyfile(os.path.join(dest, link), target, follow_symlinks=False)
@@ -361,7 +365,11 @@ def copy_tree(entries: list[Entry], dest: str) -> None:
 
 
 def remove(path: str) -> None:
-    """Remove a tree we made (making read-only directories writable on the way)."""
+    """Remove a tree we made (making read-only directories writable on the way). A symlink in
+    its place is removed itself, never followed."""
+    if os.path.islink(path):
+        os.unlink(path)
+        return
     def onerror(func: Any, p: str, _exc: Any) -> None:
         try:
             os.chmod(os.path.dirname(p), 0o700)

@@ -45,7 +45,7 @@ SIG_DOMAIN = b"gvmrt-pack-manifest-v1\n"
 # `tar --zstd` (level 3, single-threaded frames): 97 MB against 99 MB; --level 3 gives 86 MB.
 LEVEL = 1
 ZSTD_THREADS = -1        # one per core; the output does not depend on it
-MAX_MANIFEST = 64 << 20
+MAX_MANIFEST = 64 << 20          # ~400,000 entries; objects are counted before the JSON is parsed
 _LAYER = re.compile(r"layers/sha256/([0-9a-f]{64})")
 SKIP = {".git"}          # a bundle kept in git: its history is not part of it
 
@@ -314,6 +314,27 @@ def _relative(values: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]
 
 # --- reading -------------------------------------------------------------------------------------
 
+MAX_EXT_HEADER = 1 << 20
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a pax or GNU long-name header whole into memory, whatever size it claims: a
+    32 kB file could make it allocate gigabytes. gvmrt writes none over a few hundred bytes."""
+
+    def _proc_pax(self, tarfile_: Any) -> Any:
+        if self.size > MAX_EXT_HEADER:
+            raise tarfile.HeaderError(f"a pax header of {self.size} bytes (at most {MAX_EXT_HEADER})")
+        return super()._proc_pax(tarfile_)  # type: ignore[misc]
+
+    def _proc_gnulong(self, tarfile_: Any) -> Any:
+        if self.size > MAX_EXT_HEADER:
+            raise tarfile.HeaderError(f"a GNU long name of {self.size} bytes (at most {MAX_EXT_HEADER})")
+        return super()._proc_gnulong(tarfile_)  # type: ignore[misc]
+
+    def _proc_sparse(self, tarfile_: Any) -> Any:
+        raise tarfile.HeaderError("a sparse member (gvmrt writes none)")
+
+
 def _open_tar(path: str) -> tuple[Any, Any, Any]:
     import zstandard
     try:
@@ -324,7 +345,7 @@ def _open_tar(path: str) -> tuple[Any, Any, Any]:
     try:
         # tarfile reads in small pieces; zstd's reader costs ~30 µs a call whatever the size.
         tf = tarfile.open(fileobj=io.BufferedReader(reader, 4 << 20), mode="r|", encoding="utf-8",  # type: ignore[arg-type]
-                          errors="surrogateescape")
+                          errors="surrogateescape", tarinfo=_BoundedTarInfo)
     except (tarfile.TarError, zstandard.ZstdError, OSError) as exc:
         reader.close()
         f.close()
@@ -342,7 +363,7 @@ def _member_bytes(tf: Any, ti: Any, limit: int, what: str) -> bytes:
     return data
 
 
-def read_head(tf: Any, path: str) -> tuple[dict[str, Any], bytes, dict[str, Any] | None, Any]:
+def read_head(tf: Any, path: str, limits: Limits = Limits()) -> tuple[dict[str, Any], bytes, dict[str, Any] | None, Any]:
     """(manifest, its bytes, signature or None, the first payload member or None). The
     signature's bytes are in the returned signature under "_bytes"."""
     import zstandard
@@ -351,6 +372,8 @@ def read_head(tf: Any, path: str) -> tuple[dict[str, Any], bytes, dict[str, Any]
         if ti is None or ti.name != MANIFEST:
             raise PackError(f"{path}: the first member is not {MANIFEST}: not a gvmrt bundle file")
         mbytes = _member_bytes(tf, ti, MAX_MANIFEST, MANIFEST)
+        if mbytes.count(b"{") > 2 * limits.max_entries + 16:
+            raise PackError(f"{path}: the manifest has more objects than --max-entries allows ({limits.max_entries})")
         ti = tf.next()
         sig = None
         if ti is not None and ti.name == SIGNATURE:
@@ -361,12 +384,12 @@ def read_head(tf: Any, path: str) -> tuple[dict[str, Any], bytes, dict[str, Any]
             ti = tf.next()
     except (tarfile.TarError, zstandard.ZstdError, OSError, EOFError) as exc:
         raise PackError(f"{path}: damaged ({exc})") from None
-    except ValueError as exc:
-        raise PackError(f"{path}: {SIGNATURE}: not JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise PackError(f"{path}: {SIGNATURE}: not JSON ({str(exc)[:200]})") from None
     try:
         manifest = json.loads(mbytes)
-    except ValueError as exc:
-        raise PackError(f"{path}: {MANIFEST}: not JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise PackError(f"{path}: {MANIFEST}: not JSON ({str(exc)[:200]})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PackError(f"{path}: {MANIFEST}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
                         f"this gvmrt reads {FORMAT!r}")
@@ -442,10 +465,13 @@ def _check_manifest(path: str, manifest: dict[str, Any], limits: Limits) -> _Pla
         raise PackError(f"{path}: {len(entries)} entries, more than the limit of {limits.max_entries} "
                         "(--max-entries)")
     bundle = manifest.get("bundle") or {}
-    root = posixpath.normpath("bundle/" + str(bundle.get("root") or "rootfs"))
+    root = posixpath.normpath("bundle/" + str(bundle.get("root") if isinstance(bundle, dict) else ""))
     seen: dict[str, str] = {}
+    links: dict[str, tuple[str, str]] = {}
     total = 0
     plan = _Plan(entries)
+    if not isinstance(bundle, dict) or not isinstance(bundle.get("root"), str):
+        raise PackError(f"{path}: {MANIFEST}: no bundle summary")
     for i, e in enumerate(entries):
         if not isinstance(e, dict):
             raise PackError(f"{path}: {MANIFEST}: entry {i} is not an object")
@@ -492,24 +518,55 @@ def _check_manifest(path: str, manifest: dict[str, Any], limits: Limits) -> _Pla
             target = e.get("target")
             if not isinstance(target, str) or not target or "\0" in target:
                 raise PackError(f"{where}: bad symlink target {target!r}")
-            _check_link(where, p, target, tree, root)
+            links[p] = (target, tree)
         seen[p] = kind
+    # Symlinks last, when all are known: a target is resolved through the archive's own links.
+    for p, (target, tree) in links.items():
+        _check_link(f"{path}: member {p!r}", p, target, tree, root, {q: t for q, (t, _tr) in links.items()})
+    if seen.get(root) != "dir":
+        raise PackError(f"{path}: the root filesystem {root!r} (bundle.root) is not a directory member")
+    cfg = next((e for e in entries if e.get("path") == "bundle/config.json"), None)
+    if cfg is None or cfg.get("type") != "file" or cfg.get("sha256") != bundle.get("config_sha256"):
+        raise PackError(f"{path}: the manifest's config summary is not of its bundle/config.json member")
     return plan
 
 
-def _check_link(where: str, p: str, target: str, tree: str, rootfs: str) -> None:
+def _check_link(where: str, p: str, target: str, tree: str, rootfs: str, links: dict[str, str]) -> None:
     """A symlink may point anywhere inside its own tree, read as the container will: in a root
     filesystem or a layer an absolute target is relative to that tree's root; elsewhere in the
-    bundle an absolute target is refused. Never followed while unpacking either way."""
+    bundle an absolute target is refused. The target is resolved component by component through
+    the archive's own symlinks (`a -> d/up/..` with `d/up -> ../..` climbs out). Never followed
+    while unpacking either way."""
     base = rootfs if (p + "/").startswith(rootfs + "/") and tree == "bundle" else tree
-    if target.startswith("/"):
-        if base == "bundle":
-            raise PackError(f"{where}: symlink to the absolute path {target!r} outside a root filesystem")
-        resolved = posixpath.normpath(base + target)
-    else:
-        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(p), target))
-    if resolved != base and not resolved.startswith(base + "/"):
+    if target.startswith("/") and base == "bundle":
+        raise PackError(f"{where}: symlink to the absolute path {target!r} outside a root filesystem")
+    if _resolve(posixpath.dirname(p), target, base, links, 0) is None:
         raise PackError(f"{where}: symlink to {target!r} leads out of {base}/")
+
+
+def _resolve(cur: str, target: str, base: str, links: dict[str, str], depth: int) -> str | None:
+    """Where `target` (of a link in directory `cur`) leads inside the tree `base`; None if out."""
+    if depth > 40:
+        return None
+    if target.startswith("/"):
+        cur = base
+    for comp in target.split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if cur == base or not cur.startswith(base + "/"):
+                return None
+            cur = posixpath.dirname(cur)
+            continue
+        nxt = f"{cur}/{comp}"
+        if nxt in links:
+            got = _resolve(cur, links[nxt], base, links, depth + 1)
+            if got is None:
+                return None
+            cur = got
+        else:
+            cur = nxt
+    return cur
 
 
 def unpack(archive: str, dest: str, pubkey: tuple[bytes, str] | None = None, store: Store | None = None,
@@ -517,21 +574,24 @@ def unpack(archive: str, dest: str, pubkey: tuple[bytes, str] | None = None, sto
     """Verify and unpack `archive` into the new directory `dest`; a summary."""
     import zstandard
     dest = os.path.abspath(dest)
-    if os.path.lexists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+    if os.path.islink(dest) or (os.path.lexists(dest) and (not os.path.isdir(dest) or os.listdir(dest))):
         raise UsageError(f"{dest} exists and is not an empty directory; unpack into a new one")
     store = store or Store()
+    global UMASK
+    UMASK = _umask()
     f, reader, tf = _open_tar(archive)
-    tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.gvmb-{os.getpid()}")
+    tmp = ""                                   # made by mkdtemp below: a name nobody can plant first
     layer_tmp: dict[str, str] = {}
     written = 0
     writers: _Writers | None = None
     try:
-        manifest, mbytes, sig, ti = read_head(tf, archive)
+        manifest, mbytes, sig, ti = read_head(tf, archive, limits)
         signer = check_signature(archive, mbytes, sig, pubkey)
         plan = _check_manifest(archive, manifest, limits)
         # Which layers to write: only those the store lacks (their members are read past).
         fresh = {h for h in plan.layers if not store.has(f"sha256:{h}")}
-        os.mkdir(tmp, 0o700)
+        import tempfile
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.gvmb-", dir=os.path.dirname(dest))
         os.mkdir(os.path.join(tmp, "bundle"), 0o700)
         for h in fresh:
             layer_tmp[h] = store.temp(f"sha256:{h}")
@@ -583,12 +643,13 @@ def unpack(archive: str, dest: str, pubkey: tuple[bytes, str] | None = None, sto
             raise PackError(f"{archive}: member {ti.name!r} is not in the manifest")
         # Last, every byte of the file: the first frame rebuilt from the manifest, the rest hashed.
         _check_payload(archive, f, _check_head(archive, f, mbytes, sig), manifest)
+        _check_config_root(archive, os.path.join(tmp, "bundle", "config.json"), manifest)
         for h, lt in layer_tmp.items():
             got = tree_digest(_relative(plan.layers[h], f"layers/sha256/{h}/"))
             if got != f"sha256:{h}":
                 raise PackError(f"{archive}: layer sha256:{h}: its members make {got}, not its name")
         for d, mode in reversed(dirs):
-            os.chmod(d, mode)
+            os.chmod(d, mode & ~UMASK)
         added = []
         for h, lt in list(layer_tmp.items()):
             if store.commit(f"sha256:{h}", lt, _relative(plan.layers[h], f"layers/sha256/{h}/")):
@@ -600,19 +661,34 @@ def unpack(archive: str, dest: str, pubkey: tuple[bytes, str] | None = None, sto
         os.rmdir(tmp)
     except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
         raise PackError(f"{archive}: damaged ({exc})") from None
+    except OSError as exc:
+        if exc.filename is None and not exc.strerror:
+            raise
+        raise PackError(f"{archive}: cannot write {exc.filename or 'a member'}: {exc.strerror}") from None
     finally:
         if writers is not None:
             writers.abandon()
         tf.close()
         reader.close()
         f.close()
-        if os.path.lexists(tmp):
+        if tmp and os.path.lexists(tmp):
             remove(tmp)
         for lt in layer_tmp.values():
             remove(lt)
     return {"dest": dest, "signature": signer, "entries": len(plan.entries), "bytes": written,
             "layers_added": added, "layers_present": sorted(f"sha256:{h}" for h in plan.layers
                                                             if f"sha256:{h}" not in added)}
+
+
+def _check_config_root(archive: str, config: str, manifest: dict[str, Any]) -> None:
+    """The root filesystem the manifest's checks were made for is the one config.json names."""
+    try:
+        with open(config, "rb") as f:
+            root = json.load(f)["root"]["path"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        raise PackError(f"{archive}: bundle/config.json has no root.path") from None
+    if not isinstance(root, str) or posixpath.normpath(root) != posixpath.normpath(manifest["bundle"]["root"]):
+        raise PackError(f"{archive}: config.json's root.path {root!r} is not the manifest's {manifest['bundle']['root']!r}")
 
 
 def _check_head(archive: str, f: Any, mbytes: bytes, sig: dict[str, Any] | None) -> int:
@@ -653,6 +729,7 @@ def _tar_kind(ti: Any) -> str:
 
 
 SMALL = 8 << 20
+UMASK = 0        # the user's umask, read at each unpack (it applies to what unpack writes)
 
 
 def _target(path: str, tmp: str, layer_tmp: dict[str, str], fresh: set[str]) -> str | None:
@@ -713,6 +790,12 @@ class _Writers:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _umask() -> int:
+    um = os.umask(0)
+    os.umask(um)
+    return um
+
+
 def _write_small(target: str, data: bytes, e: dict[str, Any], where: str) -> None:
     if len(data) != e["size"] or sha256(data).hexdigest() != e["sha256"]:
         raise PackError(f"{where}: its content does not match the manifest's sha256 (the file was altered)")
@@ -721,7 +804,7 @@ def _write_small(target: str, data: bytes, e: dict[str, Any], where: str) -> Non
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fchmod(fd, e["mode"])
+        os.fchmod(fd, e["mode"] & ~UMASK)
     finally:
         os.close(fd)
 
@@ -740,7 +823,7 @@ def _write_member(tf: Any, ti: Any, target: str, e: dict[str, Any], where: str, 
             n += len(chunk)
             if progress:
                 progress(len(chunk))
-        os.fchmod(fd, e["mode"])
+        os.fchmod(fd, e["mode"] & ~UMASK)
     finally:
         os.close(fd)
     if n != e["size"] or h.hexdigest() != e["sha256"]:

@@ -121,13 +121,19 @@ def settle(sdir: str, data: str, st: dict[str, Any], discard_all: bool, notify: 
     auto = [(ws, c, a) for ws, c, a in pending if a == "commit"]
     if auto:
         res = apply(sdir, st, auto, delete=True, uid=uid, reason="auto-commit class (gvm.filesystem.rules)")
-        for problem in res["conflicts"]:
-            notify(f"not auto-committed: {problem}")
         if res["committed"]:
             notify(f"auto-committed {len(res['committed'])} change(s) by gvm.filesystem.rules")
-    dropped = [(ws, c, a) for ws, c, a in pending if a == "discard" or (a == "review" and discard_all)]
+        if res["conflicts"] and not discard_all:
+            # Not silently lost: what an auto-commit could not apply is held like any review.
+            raise StateError(f"container {st['id']!r}: {len(res['conflicts'])} change(s) of an auto-commit class "
+                             f"could not be applied ({res['conflicts'][0]}); review them with `gvmrt diff "
+                             f"{st['id']}`, or delete with --discard-changes")
+    left = {(ws.destination, c.path) for ws in wss for c, _a, _g in ws.changes()} if auto else None
+    dropped = [(ws, c, a) for ws, c, a in pending
+               if (a == "discard" or (a == "review" and discard_all)
+                   or (a == "commit" and discard_all and left is not None and (ws.destination, c.path) in left))]
     if dropped:
-        record(sdir, st, [_entry("discard", ws, c, file_sha256(os.path.join(ws.upper, c.path))
+        record(sdir, st, [_entry("discard", ws, c, file_sha256(ws.upper, c.path)
                                  if c.type == "file" and c.kind != "deleted" else None, uid,
                                  "discard class (gvm.filesystem.rules)" if a == "discard" else "delete discarded it")
                           for ws, c, a in dropped])
@@ -140,12 +146,15 @@ def record(sdir: str, st: dict[str, Any], entries: list[dict[str, Any]]) -> None
     if not side.get("audit"):
         return
     from gvmrt.control import Client, ControlError
+    from gvmrt.runtime import monitor_alive
     try:
         with Client(sdir, timeout=10) as c:
             c.call(op="record", entries=entries)
             return
-    except (ControlError, OSError):
-        pass                                  # no monitor (any more): resume the log ourselves
+    except (ControlError, OSError) as exc:
+        if monitor_alive(side):
+            # Never two writers: a monitor that is there but cannot record has the last word.
+            raise GvmrtError(f"the change was made but its monitor could not record it: {exc}") from None
     from gvmrt.audit.keys import load_private
     from gvmrt.audit.writer import AuditError, AuditLog
     signer = load_private(side["audit_key"]) if side.get("audit_key") else None

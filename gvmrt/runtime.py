@@ -529,10 +529,12 @@ class Runtime:
                 from gvmrt.review import settle
                 try:
                     settle(sdir, data, st, force or discard_changes, self.notify)
-                except GvmrtError as exc:
-                    if not force or isinstance(exc, StateError):
+                except StateError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - --force must always clean up
+                    if not force:
                         raise
-                    self.notify(str(exc))
+                    self.notify(f"workspace review at delete: {exc}")
             _remove_container(sdir, data, st.get("uid_mappings") or [], st.get("gid_mappings") or [])
         finally:
             lock.release()
@@ -731,6 +733,11 @@ def _layer_dirs(layers: list[str], cfg_path: str) -> list[str]:
                                                              "unpack` a bundle that carries it")
         out.append(store.path(digest))
     return out[::-1]
+
+
+def monitor_alive(side: dict[str, Any]) -> bool:
+    """Whether a container's monitor process (from its state's "sidecar") still runs."""
+    return bool(side.get("pid")) and _alive({"pid": side.get("pid"), "pid_start": side.get("pid_start")})
 
 
 def _record_start(sdir: str, cid: str) -> None:

@@ -85,14 +85,55 @@ def _lstat(path: str) -> os.stat_result | None:
         return None
 
 
-def _same_content(a: str, b: str, size: int) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
+def open_in(root: str, rel: str) -> int:
+    """A read-only fd of the regular file root/rel, every component opened O_NOFOLLOW (an agent
+    that swaps a directory of its upper dir for a symlink while we read gets an error, not a host
+    file) and the last O_NONBLOCK (a fifo does not hang us); OSError if it is not a regular file."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        parts = rel.split("/")
+        for comp in parts[:-1]:
+            nfd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        ffd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(ffd).st_mode):
+        os.close(ffd)
+        raise OSError(f"{rel}: not a regular file")
+    return ffd
+
+
+def _read_all(fd: int) -> Iterator[bytes]:
+    try:
+        while chunk := os.read(fd, CHUNK):
+            yield chunk
+    finally:
+        os.close(fd)
+
+
+def _same_content(lower: str, upper: str, rel: str) -> bool:
+    try:
+        a, b = _read_all(open_in(lower, rel)), _read_all(open_in(upper, rel))
+    except OSError:
+        return False
+    try:
+        x = y = b""
         while True:
-            x, y = fa.read(CHUNK), fb.read(CHUNK)
-            if x != y:
-                return False
             if not x:
-                return True
+                x = next(a, b"")
+            if not y:
+                y = next(b, b"")
+            if not x or not y:
+                return not x and not y
+            n = min(len(x), len(y))
+            if x[:n] != y[:n]:
+                return False
+            x, y = x[n:], y[n:]
+    finally:
+        a.close()
+        b.close()
 
 
 def _gone_parents(p: str, rel: str, ups: set[str], lower: str) -> list[str]:
@@ -104,18 +145,32 @@ def _gone_parents(p: str, rel: str, ups: set[str], lower: str) -> list[str]:
 
 
 def _kind(st: os.stat_result) -> str:
-    return "dir" if stat.S_ISDIR(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode) else "file"
+    """dir, symlink, file (regular) or special (a fifo, socket or device node: never opened)."""
+    return ("dir" if stat.S_ISDIR(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode)
+            else "file" if stat.S_ISREG(st.st_mode) else "special")
 
 
 def _all_below(root: str, rel: str) -> Iterator[tuple[str, os.stat_result]]:
-    """Every path under root/rel (rel itself excluded), as (relative path, lstat)."""
-    base = os.path.join(root, rel)
-    for d, dirs, files in os.walk(base):
-        for name in sorted(dirs + files):
-            full = os.path.join(d, name)
-            st = os.lstat(full)
-            yield os.path.relpath(full, root), st
-        dirs.sort()
+    """Every path under root/rel (rel itself excluded), as (relative path, lstat), depth first in
+    name order; iterative (an agent can nest directories deeper than Python's recursion limit)."""
+    stack = [rel]
+    while stack:
+        d = stack.pop()
+        try:
+            names = sorted(os.listdir(os.path.join(root, d) if d else root), reverse=True)
+        except OSError:
+            continue
+        below = []
+        for name in names:
+            p = f"{d}/{name}" if d else name
+            try:
+                st = os.lstat(os.path.join(root, p))
+            except OSError:
+                continue
+            below.append((p, st))
+        for p, st in reversed(below):
+            yield p, st
+        stack.extend(p for p, st in below if stat.S_ISDIR(st.st_mode))
 
 
 def changes(lower: str, upper: str) -> list[Change]:
@@ -132,70 +187,75 @@ def changes(lower: str, upper: str) -> list[Change]:
         for p, st in _all_below(lower, rel):
             out.append(Change(p, "deleted", _kind(st), st.st_size if stat.S_ISREG(st.st_mode) else 0))
 
-    def opaque_dir(rel: str) -> None:
-        ups = {p for p, _st in _all_below(upper, rel)}
-        for p, st in _all_below(lower, rel):
-            if p not in ups and not any(p.startswith(q + "/") for q in _gone_parents(p, rel, ups, lower)):
-                out.append(Change(p, "deleted", _kind(st), st.st_size if stat.S_ISREG(st.st_mode) else 0))
-        # What the new directory holds, compared with the lower's like any other upper content;
-        # an opaque directory has no whiteouts of its own, so its listing is complete.
-        visit(rel)
+    def visit(start: str) -> None:
+        todo = [start]
+        while todo:
+            rel = todo.pop(0)
+            try:
+                names = sorted(os.listdir(os.path.join(upper, rel) if rel else upper))
+            except OSError:
+                continue
+            subdirs = []
+            for name in names:
+                p = f"{rel}/{name}" if rel else name
+                if one(p):
+                    subdirs.append(p)
+            todo[0:0] = subdirs
 
-    def visit(rel: str) -> None:
+    def one(p: str) -> bool:
+        """Record the change at p; True if p is a directory to descend into as usual."""
+        u = os.path.join(upper, p)
         try:
-            names = sorted(os.listdir(os.path.join(upper, rel)))
-        except OSError:
-            return
-        for name in names:
-            p = f"{rel}/{name}" if rel else name
-            u = os.path.join(upper, p)
             ust = os.lstat(u)
-            lst = _lstat(os.path.join(lower, p))
-            if _is_whiteout(ust):
-                if lst is not None:
-                    out.append(Change(p, "deleted", _kind(lst), lst.st_size if stat.S_ISREG(lst.st_mode) else 0))
-                    if stat.S_ISDIR(lst.st_mode):
-                        deleted_tree(p)
-                continue
-            umode = stat.S_IMODE(ust.st_mode)
-            if stat.S_ISDIR(ust.st_mode):
-                if lst is not None and stat.S_ISDIR(lst.st_mode):
-                    if stat.S_IMODE(lst.st_mode) != umode:
-                        out.append(Change(p, "modified", "dir", 0, umode, "mode"))
-                    if _opaque(u):
-                        # The agent removed the directory and made it again: what the lower has
-                        # and the new one lacks is deleted; the rest compares as usual.
-                        opaque_dir(p)
-                    else:
-                        visit(p)
-                    continue
-                if lst is not None:
-                    # A directory where the lower has a file or a symlink.
-                    out.append(Change(p, "deleted", _kind(lst), lst.st_size if stat.S_ISREG(lst.st_mode) else 0,
-                                      detail="replaced"))
-                out.append(Change(p, "added", "dir", 0, umode))
-                added_tree(p)
-                continue
-            utype = _kind(ust)
-            size = ust.st_size if utype == "file" else 0
-            if lst is None:
-                out.append(Change(p, "added", utype, size, umode if utype == "file" else None))
-                continue
-            if _kind(lst) != utype:
-                out.append(Change(p, "deleted", _kind(lst), detail="replaced"))
+        except OSError:
+            return False
+        lst = _lstat(os.path.join(lower, p))
+        if _is_whiteout(ust):
+            if lst is not None:
+                out.append(Change(p, "deleted", _kind(lst), lst.st_size if stat.S_ISREG(lst.st_mode) else 0))
                 if stat.S_ISDIR(lst.st_mode):
                     deleted_tree(p)
-                out.append(Change(p, "added", utype, size, umode if utype == "file" else None))
-                continue
-            if utype == "symlink":
-                if os.readlink(u) != os.readlink(os.path.join(lower, p)):
-                    out.append(Change(p, "modified", "symlink", 0, None, "target"))
-                continue
-            content = ust.st_size != lst.st_size or not _same_content(u, os.path.join(lower, p), ust.st_size)
-            if content:
-                out.append(Change(p, "modified", "file", size, umode, "content"))
-            elif umode != stat.S_IMODE(lst.st_mode):
-                out.append(Change(p, "modified", "file", size, umode, "mode"))
+            return False
+        umode = stat.S_IMODE(ust.st_mode)
+        if stat.S_ISDIR(ust.st_mode):
+            if lst is not None and stat.S_ISDIR(lst.st_mode):
+                if stat.S_IMODE(lst.st_mode) != umode:
+                    out.append(Change(p, "modified", "dir", 0, umode, "mode"))
+                if _opaque(u):
+                    # The agent removed the directory and made it again: what the lower has
+                    # and the new one lacks is deleted; the rest compares as usual.
+                    ups = {q for q, _st in _all_below(upper, p)}
+                    for q, st in _all_below(lower, p):
+                        if q not in ups and not any(q.startswith(g + "/") for g in _gone_parents(q, p, ups, lower)):
+                            out.append(Change(q, "deleted", _kind(st), st.st_size if stat.S_ISREG(st.st_mode) else 0))
+                return True
+            if lst is not None:
+                # A directory where the lower has a file or a symlink.
+                out.append(Change(p, "deleted", _kind(lst), lst.st_size if stat.S_ISREG(lst.st_mode) else 0,
+                                  detail="replaced"))
+            out.append(Change(p, "added", "dir", 0, umode))
+            added_tree(p)
+            return False
+        utype = _kind(ust)
+        size = ust.st_size if utype == "file" else 0
+        if lst is None:
+            out.append(Change(p, "added", utype, size, umode if utype == "file" else None))
+            return False
+        if _kind(lst) != utype or utype == "special":
+            out.append(Change(p, "deleted", _kind(lst), detail="replaced"))
+            if stat.S_ISDIR(lst.st_mode):
+                deleted_tree(p)
+            out.append(Change(p, "added", utype, size, umode if utype == "file" else None))
+            return False
+        if utype == "symlink":
+            if os.readlink(u) != os.readlink(os.path.join(lower, p)):
+                out.append(Change(p, "modified", "symlink", 0, None, "target"))
+            return False
+        if ust.st_size != lst.st_size or not _same_content(lower, upper, p):
+            out.append(Change(p, "modified", "file", size, umode, "content"))
+        elif umode != stat.S_IMODE(lst.st_mode):
+            out.append(Change(p, "modified", "file", size, umode, "mode"))
+        return False
 
     visit("")
     return out
@@ -226,17 +286,23 @@ def unified_diff(lower: str, upper: str, rel: str, label: str) -> str:
     if bst is not None and _is_whiteout(bst):
         bst = None
 
-    def lines(path: str, st: os.stat_result | None) -> list[str] | None:
+    def lines(root: str, st: os.stat_result | None) -> list[str] | None:
         if st is None:
             return []
         if not stat.S_ISREG(st.st_mode):
             return None
-        with open(path, "rb") as f:
-            data = f.read(16 << 20)
+        try:
+            fd = open_in(root, rel)         # never through a symlink the agent swapped in
+        except OSError:
+            return None
+        try:
+            data = os.read(fd, 16 << 20)
+        finally:
+            os.close(fd)
         if b"\0" in data[:8192]:
             return None
         return data.decode("utf-8", "replace").splitlines(keepends=True)
-    la, lb = lines(a, ast), lines(b, bst)
+    la, lb = lines(lower, ast), lines(upper, bst)
     if la is None or lb is None:
         return f"Binary or special files {label}/{rel} differ\n"
     text = "".join(difflib.unified_diff(la, lb, f"a/{label}/{rel}" if ast else "/dev/null",
@@ -311,10 +377,27 @@ def _conflict(root: str, rel: str, base: dict[str, list[int]], deleting: bool = 
 
 
 def _link_escapes(rel: str, target: str) -> bool:
-    if target.startswith("/"):
-        return True
-    norm = os.path.normpath(os.path.join(os.path.dirname(rel), target))
-    return norm == ".." or norm.startswith("../")
+    """A symlink is committed only if its target is relative and never climbs ('..'): judging a
+    climbing target would mean resolving links the agent also made (a -> d/up/.. with d/up -> ..)."""
+    return target.startswith("/") or ".." in target.split("/")
+
+
+def _mask(mode: int | None, default: int) -> int:
+    """The agent's mode bits, within the user's umask and never setuid, setgid or sticky."""
+    um = os.umask(0)
+    os.umask(um)
+    return (default if mode is None else mode) & 0o777 & ~um
+
+
+def _dir_unchanged(root: str, rel: str, base: dict[str, list[int]]) -> str | None:
+    """For a directory deletion: a path below it the host made or changed since the baseline."""
+    for p, st in _all_below(root, rel):
+        was = base.get(p)
+        if was is None:
+            return f"{p} was created on the host since the container started"
+        if not stat.S_ISDIR(st.st_mode) and _stamp(st)[:3] != was[:3]:
+            return f"{p} was changed on the host since the container started"
+    return None
 
 
 def commit(root: str, upper: str, change: Change, base: dict[str, list[int]], allow_delete: bool) -> str | None:
@@ -334,8 +417,15 @@ def _apply(root: str, upper: str, change: Change, base: dict[str, list[int]], al
     if change.kind == "deleted" and not allow_delete:
         raise CommitError(f"{rel}: a deletion; pass --delete to apply deletions")
     why = _conflict(root, rel, base, deleting=change.kind == "deleted")
+    if why is None and change.kind == "deleted" and change.type == "dir":
+        why = _dir_unchanged(root, rel, base)
     if why is not None:
         raise Conflict(f"conflict: {why}; leave it, or take the host's version and discard the agent's")
+    if change.type == "special":
+        raise CommitError(f"{rel}: a fifo, socket or device node: not committed")
+    here = _lstat(os.path.join(root, rel))
+    if change.kind == "added" and here is not None and not (change.type == "dir" and stat.S_ISDIR(here.st_mode)):
+        raise CommitError(f"{rel}: the host still has a {_kind(here)} there; commit its deletion first (--delete)")
     parts = rel.split("/")
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -354,37 +444,46 @@ def _apply(root: str, upper: str, change: Change, base: dict[str, list[int]], al
         src = os.path.join(upper, rel)
         if change.type == "dir":
             try:
-                os.mkdir(name, change.mode or 0o755, dir_fd=parent)
+                os.mkdir(name, 0o700, dir_fd=parent)
             except FileExistsError:
                 pass
-            os.chmod(name, change.mode or 0o755, dir_fd=parent, follow_symlinks=False)
+            dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+            try:
+                os.fchmod(dfd, _mask(change.mode, 0o755))
+            finally:
+                os.close(dfd)
             return None
         if change.type == "symlink":
-            target = os.readlink(src)
+            ufd = _open_dir_of(upper, rel)
+            try:
+                target = os.readlink(rel.split("/")[-1], dir_fd=ufd)
+            finally:
+                os.close(ufd)
             if _link_escapes(rel, target):
                 raise CommitError(f"{rel}: a symlink to {target!r}, outside the workspace: not committed")
             os.symlink(target, tmp, dir_fd=parent)
             os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
             return None
         if change.detail == "mode" and change.kind == "modified":
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
             try:
-                os.fchmod(fd, change.mode or 0o644)
+                os.fchmod(fd, _mask(change.mode, 0o644))
             finally:
                 os.close(fd)
             return None
         h = sha256()
-        sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            sfd = open_in(upper, rel)
+        except OSError as exc:
+            raise CommitError(f"{rel}: not a regular file in the upper dir any more ({exc})") from None
         dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
         try:
-            if not stat.S_ISREG(os.fstat(sfd).st_mode):
-                raise CommitError(f"{rel}: not a regular file in the upper dir any more")
             while chunk := os.read(sfd, CHUNK):
                 h.update(chunk)
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(dfd, view):]
-            os.fchmod(dfd, change.mode if change.mode is not None else 0o644)
+            os.fchmod(dfd, _mask(change.mode, 0o644))
             os.fsync(dfd)
         except BaseException:
             os.close(dfd)
@@ -397,6 +496,15 @@ def _apply(root: str, upper: str, change: Change, base: dict[str, list[int]], al
         return h.hexdigest()
     finally:
         os.close(parent)
+
+
+def _open_dir_of(root: str, rel: str) -> int:
+    """The fd of rel's directory under root, each component O_NOFOLLOW."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return _open_dir(fd, rel.split("/")[:-1], create=False)
+    finally:
+        os.close(fd)
 
 
 def _remove_at(parent: int, name: str) -> None:
@@ -413,15 +521,13 @@ def _remove_at(parent: int, name: str) -> None:
     os.rmdir(name, dir_fd=parent)
 
 
-def file_sha256(path: str) -> str | None:
+def file_sha256(root: str, rel: str) -> str | None:
+    """SHA-256 of a regular file in the upper dir (never through a link, never a fifo); None otherwise."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_in(root, rel)
     except OSError:
         return None
     h = sha256()
-    try:
-        while chunk := os.read(fd, CHUNK):
-            h.update(chunk)
-    finally:
-        os.close(fd)
+    for chunk in _read_all(fd):
+        h.update(chunk)
     return h.hexdigest()

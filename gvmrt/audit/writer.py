@@ -126,6 +126,17 @@ class AuditLog:
                     leaves.append(bytes.fromhex(h))
         if header is None or prev is None:
             raise AuditError(f"audit log {last}: no header; not appending to it")
+        if root is None:
+            # No seal in this segment yet (a monitor that died right after a rotation): its open
+            # batch began with the segment's header, and chains to the previous segment's last seal.
+            first = header["seq"]
+            parts = segments(path)
+            if len(parts) > 1:
+                with open(parts[-2], "rb") as f:
+                    for raw in f:
+                        obj, _h, problem = parse_line(raw)
+                        if problem is None and obj is not None and obj.get("record") == "seal":
+                            root = obj.get("root")
         key = header.get("key")
         if key is not None and (signer is None or signer.key != key):
             raise AuditError(f"audit log {last}: signed by key {key}; its private key is needed to continue it "

@@ -48,6 +48,7 @@ def diff(
         raise UsageError(f"--format {fmt!r}: text or json")
     from gvmrt.review import locate
     from gvmrt.workspace import unified_diff
+    from gvmrt.cli.operator import _printable
     _sdir, st, wss = _load(cid)
     if path is not None:
         ws, rel = locate(wss, path)
@@ -67,8 +68,9 @@ def diff(
             what = f"{c['type']}" + (f", {c['size']} bytes" if c["type"] == "file" and c["change"] != "deleted" else "")
             detail = f" ({c['detail']})" if c.get("detail") and c["detail"] != "content" else ""
             rule = f" by {c['rule']}" if c.get("rule") else ""
-            print(f"  {_MARK[c['change']]} {c['path']}{'/' if c['type'] == 'dir' else ''}  [{what}{detail}]  "
-                  f"{c['action']}{rule}")
+            # Names are the agent's: escaped, so none can move the cursor or fake a line.
+            print(f"  {_MARK[c['change']]} {_printable(c['path'])}{'/' if c['type'] == 'dir' else ''}  "
+                  f"[{what}{detail}]  {c['action']}{_printable(rule)}")
 
 
 def commit(
@@ -93,15 +95,18 @@ def commit(
         raise UsageError(f"commit: no change matches {' '.join(paths or []) or '--all'} (see `gvmrt diff {cid}`)")
     with Lock(sdir, st["id"]):
         res = apply(sdir, st, chosen, delete, os.getuid(), "gvmrt commit")
+    from gvmrt.cli.operator import _printable
     if fmt == "json":
         print(json.dumps(res, indent=2))
     else:
         for c in res["committed"]:
-            print(f"committed {_MARK[c['change']]} {c['workspace']}/{c['path']}"
+            print(f"committed {_MARK[c['change']]} {c['workspace']}/{_printable(c['path'])}"
                   + (f"  sha256 {c['sha256'][:16]}" if c.get("sha256") else ""))
         for p in res["deletions_skipped"]:
-            print(f"skipped   D {p}  (a deletion: pass --delete)")
+            print(f"skipped   D {_printable(p)}  (a deletion: pass --delete)")
         for p in res["conflicts"]:
-            print(f"REFUSED   {p}")
+            print(f"REFUSED   {_printable(p)}")
+        if any(c["path"].startswith(".git/") or c["path"] == ".git" for c in res["committed"]):
+            print("note: files under .git/ were committed (hooks and config run code at your next git command)")
     if res["conflicts"]:
         raise GvmrtError(f"{len(res['conflicts'])} change(s) not committed; the others were")

@@ -152,7 +152,7 @@ def _ti(name: str, kind: bytes = tarfile.REGTYPE, size: int = 0, mode: int = 0o6
 
 
 def hostile(path: Path, members: list[tuple[tarfile.TarInfo, bytes]], manifest_entries: list[dict[str, Any]] | None = None,
-            sign: Any = None) -> Path:
+            sign: Any = None, config_sha: str | None = None) -> Path:
     """A .gvmb with exactly these members and a manifest consistent with them (as an attacker
     would make it), unless `manifest_entries` is given."""
     if manifest_entries is None:
@@ -165,8 +165,10 @@ def hostile(path: Path, members: list[tuple[tarfile.TarInfo, bytes]], manifest_e
             if kind == "symlink":
                 e["target"] = ti.linkname
             manifest_entries.append(e)
-    manifest = {"format": "gvmb-1", "bundle": {"root": "rootfs", "layers": []}, "entries": manifest_entries,
-                "totals": {}}
+    config = next((data for ti, data in members if ti.name == "bundle/config.json"), b"")
+    manifest = {"format": "gvmb-1", "bundle": {"root": "rootfs", "layers": [],
+                                               "config_sha256": config_sha or sha256(config).hexdigest()},
+                "entries": manifest_entries, "totals": {}}
     mbytes = json.dumps(manifest, sort_keys=True).encode()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
@@ -330,3 +332,37 @@ def test_hostile_tar_layers_are_refused(tmp_path: Path, members: list[Any], reas
     with pytest.raises(LayerError, match=reason):
         store.add_tar(str(_tar(tmp_path / "h.tar", members)))
     assert os.listdir(store.dir) == [] and not os.path.exists("/tmp/evil")
+
+
+def test_chained_symlinks_that_climb_out_are_refused(tmp_path: Path) -> None:
+    links = [(_ti("bundle/rootfs/d", D, mode=0o755), b""),
+             (_ti("bundle/rootfs/d/up", tarfile.SYMTYPE, mode=0o777, link="../.."), b""),
+             (_ti("bundle/rootfs/host", tarfile.SYMTYPE, mode=0o777, link="d/up/.."), b"")]
+    with pytest.raises(PackError, match="leads out"):
+        unpack(str(hostile(tmp_path / "c.gvmb", BASE + links)), str(tmp_path / "out"), store=Store(str(tmp_path / "s")))
+    # The root filesystem must be a directory, not a link to one.
+    rootlink = [(_ti("bundle/rootfs", tarfile.SYMTYPE, mode=0o777, link="x"), b""),
+                (_ti("bundle/config.json", size=2), b"{}")]
+    with pytest.raises(PackError, match="not a directory member"):
+        unpack(str(hostile(tmp_path / "r.gvmb", rootlink)), str(tmp_path / "out"), store=Store(str(tmp_path / "s")))
+
+
+def test_a_huge_pax_header_is_refused_without_reading_it(tmp_path: Path) -> None:
+    import resource
+    ti = _ti("bundle/x", size=1)
+    ti.pax_headers = {"comment": "A" * (8 << 20)}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        tf.addfile(ti, io.BytesIO(b"x"))
+    (tmp_path / "p.gvmb").write_bytes(zstandard.ZstdCompressor().compress(buf.getvalue()))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(PackError):
+        inspect(str(tmp_path / "p.gvmb"))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 4 << 10   # KiB: under 4 MiB more
+
+
+def test_a_summary_that_is_not_of_the_config_is_refused(tmp_path: Path) -> None:
+    # inspect shows the summary; it must be of the config.json the archive carries.
+    archive = hostile(tmp_path / "s.gvmb", BASE + [_file("bundle/rootfs/a", b"1")], config_sha="0" * 64)
+    with pytest.raises(PackError, match="config summary"):
+        unpack(str(archive), str(tmp_path / "o"), store=Store(str(tmp_path / "st")))

@@ -62,3 +62,46 @@ def test_commit_refuses_links_out_and_host_changes(tmp_path: Path) -> None:
     with pytest.raises(Conflict, match="changed on the host"):
         commit(str(host), str(upper), ch["a"], base, False)
     assert (host / "a").read_text() == "3" and not os.path.lexists(host / "link")
+
+
+def test_what_the_agent_can_plant_is_never_followed_opened_or_kept_setuid(tmp_path: Path) -> None:
+    host, upper = tmp_path / "host", tmp_path / "upper"
+    host.mkdir()
+    upper.mkdir()
+    (host / "empty.py").write_text("")
+    (host / "d").mkdir()
+    (host / "d" / "kept").write_text("k")
+    base = baseline(str(host))
+    os.mkfifo(upper / "empty.py")                     # over an empty file: must not block diff
+    os.mkfifo(upper / "pipe")
+    (upper / "tool").write_text("x")
+    (upper / "tool").chmod(0o4777)
+    (upper / "up").symlink_to("d/../..")              # climbs: refused even if it lands inside
+    deep = upper / "deep"                             # deeper than Python's recursion limit
+    deep.mkdir()
+    cur = deep
+    for _ in range(1100):
+        cur = cur / "d"
+        os.mkdir(cur)
+    got = {c.path: c for c in changes(str(host), str(upper))}
+    assert got["pipe"].type == "special" and got["empty.py"].kind in ("added", "deleted")
+    with pytest.raises(CommitError, match="fifo"):
+        commit(str(host), str(upper), got["pipe"], base, False)
+    commit(str(host), str(upper), got["tool"], base, False)
+    assert oct((host / "tool").stat().st_mode & 0o7777) == oct(0o777 & ~_umask())
+    with pytest.raises(CommitError, match="outside the workspace"):
+        commit(str(host), str(upper), got["up"], base, False)
+    # A directory deletion is refused when the host added something under it meanwhile.
+    if os.geteuid() == 0:                             # a whiteout needs CAP_MKNOD
+        os.mknod(upper / "d", stat.S_IFCHR | 0o000, os.makedev(0, 0))
+        dchange = next(c for c in changes(str(host), str(upper)) if c.path == "d")
+        (host / "d" / "new-by-a-human").write_text("mine")
+        with pytest.raises(Conflict, match="new-by-a-human was created on the host"):
+            commit(str(host), str(upper), dchange, base, True)
+        assert (host / "d" / "new-by-a-human").exists()
+
+
+def _umask() -> int:
+    um = os.umask(0)
+    os.umask(um)
+    return um
