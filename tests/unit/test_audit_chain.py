@@ -86,9 +86,20 @@ def good(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, str]) -> byte
 
 
 def _verify(tmp_path: Path, data: bytes, pub: str | None = None) -> Any:
+    """verify_log in one process, and again in worker processes over small pieces (their
+    boundaries fall mid-batch and mid-problem): the two reports must be the same."""
+    from gvmrt.audit import verify
     p = tmp_path / "t.jsonl"
     p.write_bytes(data)
-    return verify_log([str(p)], load_public(pub) if pub else None, use_host_pin=False)
+    key = load_public(pub) if pub else None
+    one = verify_log([str(p)], key, use_host_pin=False, workers=1)
+    piece, verify.PIECE = verify.PIECE, 997
+    try:
+        many = verify_log([str(p)], key, use_host_pin=False, workers=2)
+    finally:
+        verify.PIECE = piece
+    assert many.to_json() == one.to_json()
+    return one
 
 
 def _lines_of(problems: Any) -> set[int]:

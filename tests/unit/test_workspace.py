@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,7 +65,27 @@ def test_commit_refuses_links_out_and_host_changes(tmp_path: Path) -> None:
     assert (host / "a").read_text() == "3" and not os.path.lexists(host / "link")
 
 
-def test_what_the_agent_can_plant_is_never_followed_opened_or_kept_setuid(tmp_path: Path) -> None:
+@pytest.fixture
+def deep_dirs() -> Any:
+    """Trees deeper than Python's recursion limit, removed bottom-up afterwards (pytest's own
+    tmp_path cleanup recurses, and would fail on them in a later run)."""
+    made: list[Path] = []
+    yield made
+    for top in made:
+        cur = top
+        while True:
+            subs = [p for p in cur.iterdir() if p.is_dir()] if cur.exists() else []
+            if not subs:
+                break
+            cur = subs[0]
+        while cur != top.parent:
+            for f in cur.iterdir():
+                f.unlink()
+            cur.rmdir()
+            cur = cur.parent
+
+
+def test_what_the_agent_can_plant_is_never_followed_opened_or_kept_setuid(tmp_path: Path, deep_dirs: Any) -> None:
     host, upper = tmp_path / "host", tmp_path / "upper"
     host.mkdir()
     upper.mkdir()
@@ -79,6 +100,7 @@ def test_what_the_agent_can_plant_is_never_followed_opened_or_kept_setuid(tmp_pa
     (upper / "up").symlink_to("d/../..")              # climbs: refused even if it lands inside
     deep = upper / "deep"                             # deeper than Python's recursion limit
     deep.mkdir()
+    deep_dirs.append(deep)
     cur = deep
     for _ in range(1100):
         cur = cur / "d"
