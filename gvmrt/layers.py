@@ -215,6 +215,19 @@ class Store:
             if os.path.lexists(tmp):
                 remove(tmp)
 
+    def difference(self, digest: str, entries: list[dict[str, Any]]) -> str:
+        """The first difference between a layer's recorded entries and `entries` (for a message)."""
+        try:
+            with open(os.path.join(self.dir, parse_digest(digest) + ".json")) as f:
+                recorded = {e["path"]: e for e in json.load(f).get("entries", ())}
+        except (OSError, ValueError, KeyError):
+            return "its entry list cannot be read"
+        now = {e["path"]: e for e in entries}
+        for path in sorted(set(recorded) | set(now)):
+            if recorded.get(path) != now.get(path):
+                return f"{path}: recorded {recorded.get(path)}, now {now.get(path)}"
+        return "same entries, different order"
+
     def list(self) -> list[dict[str, Any]]:
         out = []
         try:

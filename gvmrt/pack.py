@@ -190,10 +190,11 @@ def pack(bundle: str, out: str, sign: Any = None, store: Store | None = None,
         values = [e.value() for e in entries]
         # The store's layers are named by their content: a changed one would unpack to another digest.
         for hexd in layer_roots:
-            got = tree_digest(_relative(values, f"layers/sha256/{hexd}/"))
+            mine = _relative(values, f"layers/sha256/{hexd}/")
+            got = tree_digest(mine)
             if got != f"sha256:{hexd}":
-                raise PackError(f"layer sha256:{hexd} in the store no longer matches its digest ({got}); "
-                                "remove it and add it again")
+                raise PackError(f"layer sha256:{hexd} in the store no longer matches its digest ({got}: "
+                                f"{store.difference(f'sha256:{hexd}', mine)}); remove it and add it again")
         # The compressed payload's own hash too: the signature then covers every byte of the file
         # (tar fields gvmrt ignores, padding, zstd frame bits), not only what unpacking uses.
         manifest = {"format": FORMAT, "bundle": summary, "entries": values,
