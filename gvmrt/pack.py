@@ -578,8 +578,6 @@ def unpack(archive: str, dest: str, pubkey: tuple[bytes, str] | None = None, sto
     if os.path.islink(dest) or (os.path.lexists(dest) and (not os.path.isdir(dest) or os.listdir(dest))):
         raise UsageError(f"{dest} exists and is not an empty directory; unpack into a new one")
     store = store or Store()
-    global UMASK
-    UMASK = _umask()
     f, reader, tf = _open_tar(archive)
     tmp = ""                                   # made by mkdtemp below: a name nobody can plant first
     layer_tmp: dict[str, str] = {}
@@ -650,7 +648,7 @@ def unpack(archive: str, dest: str, pubkey: tuple[bytes, str] | None = None, sto
             if got != f"sha256:{h}":
                 raise PackError(f"{archive}: layer sha256:{h}: its members make {got}, not its name")
         for d, mode in reversed(dirs):
-            os.chmod(d, mode & ~UMASK)
+            os.chmod(d, mode)
         added = []
         for h, lt in list(layer_tmp.items()):
             if store.commit(f"sha256:{h}", lt, _relative(plan.layers[h], f"layers/sha256/{h}/")):
@@ -730,7 +728,6 @@ def _tar_kind(ti: Any) -> str:
 
 
 SMALL = 8 << 20
-UMASK = 0        # the user's umask, read at each unpack (it applies to what unpack writes)
 
 
 def _target(path: str, tmp: str, layer_tmp: dict[str, str], fresh: set[str]) -> str | None:
@@ -791,12 +788,6 @@ class _Writers:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _umask() -> int:
-    um = os.umask(0)
-    os.umask(um)
-    return um
-
-
 def _write_small(target: str, data: bytes, e: dict[str, Any], where: str) -> None:
     if len(data) != e["size"] or sha256(data).hexdigest() != e["sha256"]:
         raise PackError(f"{where}: its content does not match the manifest's sha256 (the file was altered)")
@@ -805,7 +796,7 @@ def _write_small(target: str, data: bytes, e: dict[str, Any], where: str) -> Non
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fchmod(fd, e["mode"] & ~UMASK)
+        os.fchmod(fd, e["mode"])
     finally:
         os.close(fd)
 
@@ -824,7 +815,7 @@ def _write_member(tf: Any, ti: Any, target: str, e: dict[str, Any], where: str, 
             n += len(chunk)
             if progress:
                 progress(len(chunk))
-        os.fchmod(fd, e["mode"] & ~UMASK)
+        os.fchmod(fd, e["mode"])
     finally:
         os.close(fd)
     if n != e["size"] or h.hexdigest() != e["sha256"]:

@@ -32,6 +32,8 @@ def make_bundle(d: Path, layers: list[str] | None = None) -> Path:
     r = d / "rootfs"
     (r / "usr" / "bin").mkdir(parents=True)
     (r / "etc").mkdir()
+    (r / "tmp").mkdir()
+    (r / "tmp").chmod(0o1777)                         # a root filesystem's /tmp: kept exactly
     (r / "usr" / "bin" / "tool").write_bytes(b"#!/bin/sh\necho hi\n" * 100)
     (r / "usr" / "bin" / "tool").chmod(0o755)
     (r / "etc" / "empty").write_bytes(b"")
@@ -137,6 +139,8 @@ def test_layers_are_carried_and_not_unpacked_twice(tmp_path: Path) -> None:
     other = Store(str(tmp_path / "teammate"))
     first = unpack(str(tmp_path / "l.gvmb"), str(tmp_path / "u1"), store=other)
     assert first["layers_added"] == [digest] and tree(Path(other.path(digest))) == tree(base)
+    # What unpack stored is named by its content, modes included (1777 /tmp under any umask).
+    assert tree_digest(e.value() for e in walk(other.path(digest))) == digest
     second = unpack(str(tmp_path / "l.gvmb"), str(tmp_path / "u2"), store=other)
     assert second["layers_added"] == [] and second["layers_present"] == [digest]
     # Only the bundle's own small layer was written the second time.
