@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from gvmrt.policy import CompiledPolicy, parse_egress
-from gvmrt.audit.read import merge
+from gvmrt.audit.read import merge, records
 from gvmrt.audit.verify import verify_log
 from gvmrt.audit.writer import AuditLog
 from gvmrt.proxy.certs import CertificateAuthority, LeafCache
@@ -264,10 +264,19 @@ def get(conn: http.client.HTTPConnection, target: str, **headers: str) -> tuple[
 
 
 def audit_line(path: Path, request_id: str) -> dict[str, Any]:
-    for entry in merge(json.loads(line) for line in path.read_text().splitlines()):
-        if entry.get("request_id") == request_id:
-            return entry
-    raise AssertionError(f"no audit line for {request_id}")
+    """The request's record, decision and outcome merged. A forwarded request's outcome is
+    written just after its response (batched with others on the next loop turn): wait for it."""
+    deadline = time.monotonic() + 5
+    while True:
+        found = None
+        for entry in merge(records([str(path)])):       # a line being written is skipped
+            if entry.get("request_id") == request_id:
+                found = entry
+        if found is not None and (found.get("status") is not None or time.monotonic() > deadline):
+            return found
+        if found is None and time.monotonic() > deadline:
+            raise AssertionError(f"no audit line for {request_id}")
+        time.sleep(0.01)
 
 
 # --- tests ------------------------------------------------------------------------------------
