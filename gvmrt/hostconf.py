@@ -11,7 +11,6 @@ Stdlib only (create imports it).
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 
@@ -39,26 +38,41 @@ def path() -> str:
     return os.environ.get("GVMRT_CONFIG") or os.path.join(config_dir(), "config.json")
 
 
-def load() -> dict[str, Any]:
-    """The host config, checked; {} when there is none."""
-    p = path()
+def read_private_json(p: str, what: str, problem: Any) -> Any:
+    """The JSON in file `p` (None when there is none), opened O_NOFOLLOW; `problem(stat)` names
+    what is wrong with the file's owner or mode, or returns None. For the files that hold what
+    gvmrt must not take from anyone else: the host config, the secrets file."""
     try:
         fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        return {}
+        return None
     except OSError as exc:
-        raise HostError(f"host config {p}: {exc.strerror}") from None
+        raise HostError(f"{what} {p}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
-        if st.st_uid not in (os.getuid(), 0) or st.st_mode & 0o022 or not stat.S_ISREG(st.st_mode):
-            raise HostError(f"host config {p} must be a regular file owned by you (or root) and not writable "
-                            "by others: it chooses the audit log's signing key")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = json.load(f)
-    except ValueError as exc:
-        raise HostError(f"host config {p}: not JSON: {exc}") from None
+        why = problem(st) if stat.S_ISREG(st.st_mode) else "must be a regular file"
+        if why:
+            raise HostError(f"{what} {p} {why}")
+        data = b""
+        while chunk := os.read(fd, 65536):
+            data += chunk
     finally:
         os.close(fd)
+    from gvmrt import _json
+    try:
+        return _json.loads(data)
+    except ValueError as exc:
+        raise HostError(f"{what} {p}: not JSON ({exc})") from None
+
+
+def load() -> dict[str, Any]:
+    """The host config, checked; {} when there is none."""
+    p = path()
+    data = read_private_json(p, "host config", lambda st: (
+        "must be owned by you (or root) and writable by neither group nor others: it chooses the audit "
+        "log's signing key" if st.st_uid not in (os.getuid(), 0) or st.st_mode & 0o022 else None))
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise HostError(f"host config {p}: must be a JSON object")
     unknown = sorted(set(data) - {"audit"})

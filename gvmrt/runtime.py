@@ -682,27 +682,12 @@ def _secrets(credentials: list[dict[str, Any]], cfg_path: str) -> dict[str, str]
 
 
 def _read_secrets(path: str) -> dict[str, Any]:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
+    from gvmrt.hostconf import read_private_json
+    table = read_private_json(path, "secrets file", lambda st: (
+        f"must be yours and mode 0600 (it is {st.st_mode & 0o777:o}, uid {st.st_uid}); fix with chmod 600"
+        if st.st_uid != os.getuid() or st.st_mode & 0o077 else None))
+    if table is None:
         return {}
-    except OSError as exc:
-        raise HostError(f"secrets file {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != os.getuid() or st.st_mode & 0o077:
-            raise HostError(f"secrets file {path} must be yours and mode 0600 (it is {st.st_mode & 0o777:o}, "
-                            f"uid {st.st_uid}); fix with chmod 600")
-        data = b""
-        while chunk := os.read(fd, 65536):
-            data += chunk
-    finally:
-        os.close(fd)
-    from gvmrt import _json
-    try:
-        table = _json.loads(data)
-    except ValueError:
-        raise HostError(f"secrets file {path}: not valid JSON (an object of name: secret)") from None
     if not isinstance(table, dict):
         raise HostError(f"secrets file {path}: must be a JSON object of name: secret")
     return table
