@@ -441,17 +441,12 @@ def _apply(root: str, upper: str, change: Change, base: dict[str, list[int]], al
             for p in [p for p in base if p.startswith(rel + "/")]:
                 del base[p]
             return None
-        src = os.path.join(upper, rel)
         if change.type == "dir":
             try:
                 os.mkdir(name, 0o700, dir_fd=parent)
             except FileExistsError:
                 pass
-            dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-            try:
-                os.fchmod(dfd, _mask(change.mode, 0o755))
-            finally:
-                os.close(dfd)
+            _chmod_at(parent, name, _mask(change.mode, 0o755), os.O_DIRECTORY)
             return None
         if change.type == "symlink":
             ufd = _open_dir_of(upper, rel)
@@ -465,11 +460,7 @@ def _apply(root: str, upper: str, change: Change, base: dict[str, list[int]], al
             os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
             return None
         if change.detail == "mode" and change.kind == "modified":
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
-            try:
-                os.fchmod(fd, _mask(change.mode, 0o644))
-            finally:
-                os.close(fd)
+            _chmod_at(parent, name, _mask(change.mode, 0o644), os.O_NONBLOCK)
             return None
         h = sha256()
         try:
@@ -496,6 +487,15 @@ def _apply(root: str, upper: str, change: Change, base: dict[str, list[int]], al
         return h.hexdigest()
     finally:
         os.close(parent)
+
+
+def _chmod_at(parent: int, name: str, mode: int, flags: int) -> None:
+    """chmod parent/name through an fd opened O_NOFOLLOW (a symlink there is refused, not followed)."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | flags, dir_fd=parent)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def _open_dir_of(root: str, rel: str) -> int:

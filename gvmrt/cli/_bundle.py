@@ -9,16 +9,11 @@ import os
 import sys
 from typing import Callable, Optional
 
-from gvmrt.errors import UsageError
+from gvmrt.cli.common import check_format
 
 MAX_BYTES = 16 << 30
 MAX_ENTRIES = 1_000_000
 
-
-def _format(fmt: str) -> str:
-    if fmt not in ("text", "json"):
-        raise UsageError(f"--format {fmt!r}: text or json")
-    return fmt
 
 
 class Bar:
@@ -56,7 +51,7 @@ def tree_size(path: str) -> int:
 
 def pack_cmd(bundle: str, output: str, sign: Optional[str], fmt_: str, level: int = 1) -> None:
     from gvmrt.pack import pack as do_pack
-    _format(fmt_)
+    check_format(fmt_)
     signer = None
     if sign is not None:
         from gvmrt.audit.keys import load_private
@@ -80,7 +75,7 @@ def unpack_cmd(archive: str, dest: str, pubkey: Optional[str], max_bytes: int, m
     from gvmrt.audit.keys import load_public
     from gvmrt.pack import Limits
     from gvmrt.pack import unpack as do_unpack
-    _format(fmt_)
+    check_format(fmt_)
     pk = load_public(pubkey) if pubkey else None
     def size() -> int:
         from gvmrt.pack import inspect as do_inspect
@@ -104,7 +99,7 @@ def unpack_cmd(archive: str, dest: str, pubkey: Optional[str], max_bytes: int, m
 def inspect_cmd(archive: str, pubkey: Optional[str], fmt_: str) -> None:
     from gvmrt.audit.keys import load_public
     from gvmrt.pack import inspect as do_inspect
-    _format(fmt_)
+    check_format(fmt_)
     info = do_inspect(archive, load_public(pubkey) if pubkey else None)
     if fmt_ == "json":
         print(json.dumps(info, indent=2))

@@ -14,7 +14,6 @@ from typing import Any, Optional
 import typer
 
 from gvmrt import __version__
-from gvmrt.errors import GvmrtError, UsageError
 
 app = typer.Typer(
     name="gvmrt",
@@ -62,14 +61,8 @@ def spec(
     if bundle is None:
         sys.stdout.write(text)
         return
-    path = os.path.join(bundle, "config.json")
-    try:
-        with open(path, "x") as f:
-            f.write(text)
-    except FileExistsError:
-        raise UsageError(f"{path} exists already; remove it or print with `gvmrt spec > FILE`") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: {exc.strerror}") from None
+    from gvmrt.cli.common import write_new
+    write_new(os.path.join(bundle, "config.json"), text, "; remove it or print with `gvmrt spec > FILE`")
 
 
 GLOBALS: dict[str, Any] = {}   # the global options gvmrt.cli parsed (--root ...), for commands here

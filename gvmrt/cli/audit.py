@@ -13,21 +13,13 @@ from typing import Any, Optional
 
 import typer
 
+from gvmrt.cli.common import check_format, root, write_new
 from gvmrt.errors import GvmrtError, UsageError
 
 audit_app = typer.Typer(name="audit", help="Sign, verify, prove and read audit logs.", no_args_is_help=True,
                         context_settings={"help_option_names": ["-h", "--help"]})
 
 
-def _root() -> Optional[str]:
-    from gvmrt.cli.app import GLOBALS
-    return GLOBALS.get("--root")
-
-
-def _format(fmt: str) -> str:
-    if fmt not in ("text", "json"):
-        raise UsageError(f"--format {fmt!r}: text or json")
-    return fmt
 
 
 def _pubkey(path: Optional[str]) -> Any:
@@ -74,8 +66,8 @@ def verify(
     """
     from gvmrt.audit.read import resolve
     from gvmrt.audit.verify import verify_log
-    _format(fmt)
-    paths = resolve(target, _root())
+    check_format(fmt)
+    paths = resolve(target, root())
     by_id = not (os.sep in target or target.endswith(".jsonl") or os.path.isfile(target))
     try:
         report = verify_log(paths, _pubkey(pubkey), container=target if by_id else None)
@@ -128,20 +120,14 @@ def proof(
     from gvmrt.audit.read import resolve
     from gvmrt.audit.verify import ProofError, make_proof
     try:
-        doc = make_proof(resolve(log, _root()), entry)
+        doc = make_proof(resolve(log, root()), entry)
     except ProofError as exc:
         raise UsageError(str(exc)) from None
     text = json.dumps(doc, indent=2) + "\n"
     if output is None:
         sys.stdout.write(text)
         return
-    try:
-        with open(output, "x") as f:
-            f.write(text)
-    except FileExistsError:
-        raise UsageError(f"{output} exists already") from None
-    except OSError as exc:
-        raise UsageError(f"{output}: {exc.strerror}") from None
+    write_new(output, text)
     print(f"proof of entry {entry} written to {output}", file=sys.stderr)
 
 
@@ -153,7 +139,7 @@ def verify_proof_cmd(
 ) -> None:
     """Check one proof alone: the entry's hash, its path to the Merkle root, the seal's signature."""
     from gvmrt.audit.verify import ProofError, verify_proof
-    _format(fmt)
+    check_format(fmt)
     try:
         with open(proof_file, "rb") as f:
             doc = json.load(f)
@@ -186,11 +172,11 @@ def show(
     """A readable view of a log: requests (decision and outcome merged) and lifecycle events."""
     from gvmrt.audit.read import merge, records, resolve
     from gvmrt.cli.operator import BOOKKEEPING, DECISIONS, _line
-    _format(fmt)
+    check_format(fmt)
     if decision is not None and decision not in DECISIONS:
         raise UsageError(f"--decision {decision!r}: one of {', '.join(DECISIONS)}")
     start = _since(since) if since else None
-    for e in merge(records(resolve(target, _root()))):
+    for e in merge(records(resolve(target, root()))):
         if e.get("record") in BOOKKEEPING:
             continue
         if start is not None and str(e.get("time", "")) < start:

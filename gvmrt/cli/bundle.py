@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import typer
 
+from gvmrt.cli.common import check_format
 from gvmrt.errors import ConfigError, GvmrtError, UsageError
 
 from gvmrt.cli._bundle import MAX_BYTES, MAX_ENTRIES, Bar, tree_size
@@ -21,11 +22,6 @@ layer_app = typer.Typer(name="layer", help="The local content-addressed layer st
 class Failed(GvmrtError):
     """A check failed (exit status 1); the details were printed."""
 
-
-def _format(fmt: str) -> str:
-    if fmt not in ("text", "json"):
-        raise UsageError(f"--format {fmt!r}: text or json")
-    return fmt
 
 
 def _config_path(bundle: str) -> str:
@@ -130,7 +126,7 @@ def validate(
     fmt_: str = typer.Option("text", "--format", help="text or json"),
 ) -> None:
     """Check config.json against the schema and this host; print every problem at once."""
-    _format(fmt_)
+    check_format(fmt_)
     found = []
     for bundle in bundles:
         for file, pointer, message in problems_of(bundle):
@@ -213,7 +209,7 @@ def layer_add(src: str = typer.Argument(..., metavar="DIR|TAR",
 def layer_ls(fmt_: str = typer.Option("text", "--format", help="text or json")) -> None:
     """The layers in the store."""
     from gvmrt.layers import Store
-    _format(fmt_)
+    check_format(fmt_)
     rows = Store().list()
     if fmt_ == "json":
         print(json.dumps(rows, indent=2))

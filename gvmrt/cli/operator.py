@@ -14,6 +14,7 @@ from typing import Any, Iterator, Optional
 
 import typer
 
+from gvmrt.cli.common import check_format, root
 from gvmrt.errors import GvmrtError, StateError, UsageError
 
 DECISIONS = ("allow", "audit_only", "delay", "require_approval", "deny")
@@ -22,15 +23,11 @@ _DURATION = re.compile(r"(\d+)([smhd]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def _root() -> Optional[str]:
-    from gvmrt.cli.app import GLOBALS
-    return GLOBALS.get("--root")
-
 
 def _container(cid: str) -> tuple[str, dict[str, Any]]:
     """(state dir, OCI state) of a governed container whose sidecar may be asked things."""
     from gvmrt.runtime import Runtime, resolve_target
-    rt = Runtime(_root())
+    rt = Runtime(root())
     cid, _ = resolve_target(cid)
     st = rt.state(cid)
     if "sidecar" not in st:
@@ -140,15 +137,14 @@ def events(
     """The container's decisions: past ones from its log, then (--follow) live ones and held requests."""
     if decision is not None and decision not in DECISIONS:
         raise UsageError(f"--decision {decision!r}: one of {', '.join(DECISIONS)}")
-    if fmt not in ("text", "json"):
-        raise UsageError(f"--format {fmt!r}: text or json")
+    check_format(fmt)
     from gvmrt.errors import ContainerNotFound
     try:
         sdir, st = _container(cid)
     except ContainerNotFound:
         # Deleted: its decision log outlives it, and still answers for the past.
         from gvmrt.runtime import Runtime, resolve_target
-        rt = Runtime(_root())
+        rt = Runtime(root())
         path = rt.root.audit_path(resolve_target(cid)[0])
         if follow or not os.path.exists(path):
             raise
@@ -215,8 +211,7 @@ def pending(
     fmt: str = typer.Option("text", "--format", help="text or json"),
 ) -> None:
     """Requests held for approval (RequireApproval), oldest first."""
-    if fmt not in ("text", "json"):
-        raise UsageError(f"--format {fmt!r}: text or json")
+    check_format(fmt)
     sdir, st = _container(cid)
     held = _call(sdir, st, op="pending")["pending"]
     if fmt == "json":

@@ -11,10 +11,11 @@ import json
 import os
 import sys
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 
+from gvmrt.cli.common import check_format, root
 from gvmrt.errors import GvmrtError, UsageError
 
 if TYPE_CHECKING:
@@ -35,14 +36,10 @@ class _Trouble(GvmrtError):
     exit_code = 2
 
 
-def _root() -> Optional[str]:
-    from gvmrt.cli.app import GLOBALS
-    return GLOBALS.get("--root")
-
 
 def _records(target: str) -> list[dict[str, Any]]:
     from gvmrt.audit.read import records, resolve
-    return list(records(resolve(target, _root())))
+    return list(records(resolve(target, root())))
 
 
 def _printable(text: str) -> str:
@@ -64,11 +61,6 @@ def _table(rows: list[tuple[str, ...]]) -> str:
     return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n" for r in rows)
 
 
-def _check_format(fmt: str) -> None:
-    if fmt not in ("json", "text"):
-        raise UsageError(f"--format {fmt!r}: json or text")
-
-
 # Help texts: one line per paragraph, because typer keeps a docstring's line breaks.
 SUGGEST_HELP = (
     "Allow rules for the requests of a recording (best: one made with `gvmrt run --watch`).\n\n"
@@ -86,7 +78,7 @@ def suggest(
     fmt: str = typer.Option("json", "--format", help="json (a list for gvm.egress.rules) or text"),
 ) -> None:
     """`gvmrt policy suggest` (its help is SUGGEST_HELP)."""
-    _check_format(fmt)
+    check_format(fmt)
     from gvmrt.policy.suggest import suggest as make
 
     recs = _records(target)
@@ -151,7 +143,7 @@ def test(
 ) -> None:
     """`gvmrt policy test` (its help is TEST_HELP)."""
     try:
-        _check_format(fmt)
+        check_format(fmt)
         from gvmrt.policy.suggest import observe, replay
         policy = load_policy(bundle)
         recs = _records(target)

@@ -10,12 +10,9 @@ from typing import Any, Optional
 
 import typer
 
+from gvmrt.cli.common import check_format, root
 from gvmrt.errors import GvmrtError, UsageError
 
-
-def _root() -> Optional[str]:
-    from gvmrt.cli.app import GLOBALS
-    return GLOBALS.get("--root")
 
 
 def _load(cid: str) -> tuple[str, dict[str, Any], Any]:
@@ -23,7 +20,7 @@ def _load(cid: str) -> tuple[str, dict[str, Any], Any]:
     from gvmrt.review import workspaces
     from gvmrt.runtime import Runtime, resolve_target
     from gvmrt.statedir import read_state
-    rt = Runtime(_root())
+    rt = Runtime(root())
     cid, _ = resolve_target(cid)
     sdir = rt.root.dir(cid)
     rt.root.check(sdir) if os.path.isdir(sdir) else None
@@ -44,8 +41,7 @@ def diff(
     fmt: str = typer.Option("text", "--format", help="text or json"),
 ) -> None:
     """The agent's changes to its workspaces: added, modified, deleted, with the action its policy gives each."""
-    if fmt not in ("text", "json"):
-        raise UsageError(f"--format {fmt!r}: text or json")
+    check_format(fmt)
     from gvmrt.review import locate
     from gvmrt.workspace import unified_diff
     from gvmrt.cli.operator import _printable
@@ -83,8 +79,7 @@ def commit(
 ) -> None:
     """Apply the agent's changes to the host workspace: atomically per file, never through a symlink,
     refusing a file the host changed since the container started (the conflict is named)."""
-    if fmt not in ("text", "json"):
-        raise UsageError(f"--format {fmt!r}: text or json")
+    check_format(fmt)
     if not paths and not all_:
         raise UsageError("commit: name the PATHs to apply, or --all")
     from gvmrt.review import apply, select
