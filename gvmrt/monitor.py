@@ -303,7 +303,7 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
         await asyncio.wait({go, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
         for kind, port, listener in listeners if started.is_set() else ():
             if kind == "proxy":
-                servers.append(await asyncio.start_server(sidecar.handle, sock=listener, limit=64 * 1024))
+                servers.append(await loop.create_server(sidecar.protocol, sock=listener))
             elif kind == "dns-tcp" or (kind == "capture" and port == 53):
                 servers.append(await asyncio.start_server(sidecar.dns_tcp, sock=listener, limit=64 * 1024))
             elif kind == "dns-udp":

@@ -126,7 +126,12 @@ def proxy(
 
         tune_gc()
         try:
-            asyncio.run(main())
+            if os.environ.get("GVMRT_UVLOOP"):
+                import uvloop
+                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+                    r.run(main())
+            else:
+                asyncio.run(main())
         except OSError as exc:
             raise HostError(f"--listen {listen}: {exc.strerror}") from None
         finally:

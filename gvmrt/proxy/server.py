@@ -11,9 +11,10 @@ Clients speak to it as to any explicit proxy (HTTP_PROXY/HTTPS_PROXY):
   the CONNECT host from the per-container CA, and the HTTP/1.1 requests inside are decided on the
   CONNECT authority; a Host header that names anything else is denied.
 
-TLS runs in the event loop's native SSL transport (`StreamWriter.start_tls`, `open_connection(ssl=)`)
-because driving TLS from Python measured ~3x slower (DESIGN.md §6). Bodies are streamed as h1
-`Data` events, one socket read (≤ READ_SIZE) at a time; the only buffering is a request body of at
+TLS runs in the event loop's native SSL transport (`loop.start_tls`, `create_connection(ssl=)`)
+because driving TLS from Python measured ~3x slower (DESIGN.md §6). Each connection is a
+`conn.Conn` protocol that parses as bytes arrive; bodies are streamed as h1 `Data` events, with
+reading paused while more than READ_LIMIT of them wait; the only buffering is a request body of at
 most MAX_JSON_BODY, read before the decision so JSON body rules can see it.
 """
 
@@ -42,7 +43,8 @@ from gvmrt.audit.writer import AuditError, AuditLog, record_time
 from gvmrt.proxy.certs import CertificateAuthority, LeafCache
 from gvmrt.proxy.credentials import Credentials
 from gvmrt.proxy.operator import Approvals, Events, Held
-from gvmrt.proxy.upstream import READ_SIZE, EventStream, Pool, Resolver, Upstream, UpstreamError
+from gvmrt.proxy.conn import Conn
+from gvmrt.proxy.upstream import Pool, Resolver, Upstream, UpstreamError
 
 __all__ = ["serve", "Sidecar", "Timeouts", "tune_gc"]
 
@@ -129,7 +131,6 @@ def _request_id() -> str:
 # asyncio's TLS protocol allocates (and zero-fills) a 256 KiB read buffer per connection, two
 # per proxied HTTPS request: 64 client tunnels cost 32 MB. A TLS record is at most 16 KiB.
 asyncio.sslproto.SSLProtocol.max_size = 16 * 1024   # one TLS record
-WRITE_HIGH_WATER = 64 * 1024
 
 
 class _Close(Exception):
@@ -245,7 +246,9 @@ class Sidecar:
                 reply = await self.dns_query(msg, dst, "tcp")
                 if reply is None:
                     return
-                await self._send(writer, len(reply).to_bytes(2, "big") + reply)
+                writer.write(len(reply).to_bytes(2, "big") + reply)
+                async with asyncio.timeout(self.timeouts.write):
+                    await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
             pass
         finally:
@@ -273,28 +276,31 @@ class Sidecar:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self._outcomes:
             self._flush_outcomes()
-        for writer in self.pool.close():
+        for conn in self.pool.close():
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1):
-                    await writer.wait_closed()
+                    await conn.wait_closed()
 
     # --- connections -----------------------------------------------------------------------
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def protocol(self) -> Conn:
+        """The protocol of one explicit-proxy client connection (`loop.create_server`'s factory):
+        once connected, a task serves it."""
+        return Conn(h1.RequestParser(), on_made=self._spawn)
+
+    def _spawn(self, conn: Conn) -> None:
+        task = asyncio.get_running_loop().create_task(self.handle(conn))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def handle(self, conn: Conn) -> None:
         """Serve one client connection until it closes or errs."""
-        task = asyncio.current_task()
-        if task is not None:
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
         try:
-            await self._serve(reader, writer, tunnel=None)
-        except (_Close, ConnectionError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError):
+            await self._serve(conn, tunnel=None)
+        except (_Close, ConnectionError, TimeoutError, ssl.SSLError):
             pass
         finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1):
-                    await writer.wait_closed()
+            await _closed(conn)
 
     async def captured(self, sock: socket.socket) -> None:
         """Serve a connection the jail made to any address on a captured port (transparent mode).
@@ -309,7 +315,7 @@ class Sidecar:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         loop = asyncio.get_running_loop()
-        writer: asyncio.StreamWriter | None = None
+        conn: Conn | None = None
         try:
             dst = sock.getsockname()
             address, port = _unmapped(dst[0]), dst[1]
@@ -324,8 +330,7 @@ class Sidecar:
                 await self._refused(address, port, "closed without sending anything")
                 return
             hello = sniff.classify(first)
-            reader = asyncio.StreamReader(limit=READ_SIZE)
-            protocol = asyncio.StreamReaderProtocol(reader)
+            protocol = Conn(h1.RequestParser())
             if hello.tls:
                 host = None
                 if hello.sni is not None:
@@ -338,26 +343,22 @@ class Sidecar:
                     await self._refused(address, port, hello.problem or "no SNI")
                     return
                 try:
-                    transport, _ = await loop.connect_accepted_socket(
+                    await loop.connect_accepted_socket(
                         lambda: protocol, sock, ssl=ctx, ssl_handshake_timeout=self.timeouts.tls_handshake)
                 except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
                     await self._refused(address, port, f"TLS handshake for {host} failed: {_why(exc)}")
                     return
-                writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-                await self._serve(reader, writer, tunnel=(host, port), mode="transparent", address=address)
+                conn = protocol
+                await self._serve(conn, tunnel=(host, port), mode="transparent", address=address)
             else:
-                transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
-                writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-                await self._serve(reader, writer, tunnel=None, origin_port=port, mode="transparent",
-                                  address=address)
-        except (_Close, ConnectionError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError):
+                await loop.connect_accepted_socket(lambda: protocol, sock)
+                conn = protocol
+                await self._serve(conn, tunnel=None, origin_port=port, mode="transparent", address=address)
+        except (_Close, ConnectionError, TimeoutError, ssl.SSLError):
             pass
         finally:
-            if writer is not None:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(1):
-                        await writer.wait_closed()
+            if conn is not None:
+                await _closed(conn)
             else:
                 sock.close()
 
@@ -392,10 +393,9 @@ class Sidecar:
         with contextlib.suppress(AuditError):
             await self._write_entry(ex.entry(), sync=True)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     tunnel: tuple[str, int] | None, *, origin_port: int | None = None,
+    async def _serve(self, client: Conn, tunnel: tuple[str, int] | None, *, origin_port: int | None = None,
                      mode: str = "proxy", address: str | None = None) -> None:
-        client = EventStream(reader, h1.RequestParser())
+        writer = client
         served = 0
         while True:
             try:
@@ -414,16 +414,16 @@ class Sidecar:
                     await self._error(writer, 400, "CONNECT is for the explicit proxy, not inside a tunnel "
                                                    "or on a captured port")
                     return
-                await self._connect(client, reader, writer, event)
+                await self._connect(client, event)
                 return
             served += 1
             keep = await self._request(client, writer, event, tunnel, origin_port, mode)
             if not keep:
                 return
 
-    async def _connect(self, client: EventStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       head: h1.RequestHead) -> None:
+    async def _connect(self, client: Conn, head: h1.RequestHead) -> None:
         """Answer CONNECT, terminate TLS as the CONNECT host, then serve the requests inside."""
+        writer = client
         if head.body is not h1.BodyKind.NONE:
             await self._error(writer, 400, "CONNECT with a body")
             return
@@ -436,7 +436,7 @@ class Sidecar:
             return
         event = await client.next(self.timeouts.read)       # the CONNECT's EndOfMessage
         assert isinstance(event, h1.EndOfMessage)
-        if client.pending or client.parser.buffered:
+        if client.pending or client.parser.buffered or client.error is not None:
             # Bytes after CONNECT before our 200: a client that does not wait (or smuggles).
             await self._error(writer, 400, "data sent before the CONNECT was answered")
             return
@@ -445,18 +445,22 @@ class Sidecar:
         # names another host then fails its own verification (fail safe), and a client without SNI
         # still gets the right certificate (issue 3: "the CONNECT authority is the host").
         ctx = self.leaves.context_for(host[1:-1] if host.startswith("[") else host)
+        # The tunnel's requests get their own parser, in place before the handshake ends: the
+        # client may send its first request at once, and it is read before we resume.
+        client.parser = h1.RequestParser()
         try:
-            await writer.start_tls(ctx, ssl_handshake_timeout=self.timeouts.tls_handshake)
+            client.transport = await asyncio.get_running_loop().start_tls(
+                client.transport, client, ctx, server_side=True, ssl_handshake_timeout=self.timeouts.tls_handshake)
         except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
             # Typically a client that does not trust the sidecar's CA: it sent nothing, but an
             # agent trying to get around the MITM is worth a line.
             await self._refused(host, int(port_s), f"TLS handshake failed: {_why(exc)}", mode="proxy")
             raise _Close() from None
-        await self._serve(reader, writer, tunnel=(host, int(port_s)))
+        await self._serve(client, tunnel=(host, int(port_s)))
 
     # --- one request -----------------------------------------------------------------------
 
-    async def _request(self, client: EventStream, writer: asyncio.StreamWriter, head: h1.RequestHead,
+    async def _request(self, client: Conn, writer: Conn, head: h1.RequestHead,
                        tunnel: tuple[str, int] | None, origin_port: int | None = None,
                        mode: str = "proxy") -> bool:
         """Decide, answer or forward one request; True to keep the client connection."""
@@ -554,7 +558,7 @@ class Sidecar:
             await asyncio.sleep(decision.ms / 1000)
         return await self._forward(client, writer, head, ex, scheme, prefix, body_done)
 
-    async def _deny(self, writer: asyncio.StreamWriter, ex: _Exchange, head: h1.RequestHead,
+    async def _deny(self, writer: Conn, ex: _Exchange, head: h1.RequestHead,
                     body_done: bool, reason: str) -> bool:
         ex.status = 403
         payload = {"decision": "deny", "rule": ex.rule, "reason": reason, "request_id": ex.request_id}
@@ -565,7 +569,7 @@ class Sidecar:
                             extra=((b"X-Gvm-Decision", b"deny"), (b"X-Gvm-Request-Id", ex.request_id.encode())))
         return keep
 
-    async def _record(self, writer: asyncio.StreamWriter, ex: _Exchange, sync: bool,
+    async def _record(self, writer: Conn, ex: _Exchange, sync: bool,
                       reason: str | None = None) -> bool:
         """Write the request's record (its decision, or, once that is written, its outcome); on
         failure answer 503 and return False (fail closed)."""
@@ -611,7 +615,7 @@ class Sidecar:
         if self.events.subscribers:
             self.events.publish({"event": "decision", **entry})
 
-    async def _client_event(self, client: EventStream) -> h1.Event:
+    async def _client_event(self, client: Conn) -> h1.Event:
         """The next event of a request body; a cut or malformed body ends the connection."""
         try:
             event = await client.next(self.timeouts.read)
@@ -623,7 +627,7 @@ class Sidecar:
 
     # --- forwarding ------------------------------------------------------------------------
 
-    async def _forward(self, client: EventStream, writer: asyncio.StreamWriter, head: h1.RequestHead,
+    async def _forward(self, client: Conn, writer: Conn, head: h1.RequestHead,
                        ex: _Exchange, scheme: str, prefix: list[h1.Event], body_done: bool) -> bool:
         key = (scheme, ex.host, ex.port)
         authority = ex.host if ex.port == (443 if scheme == "https" else 80) else f"{ex.host}:{ex.port}"
@@ -710,7 +714,7 @@ class Sidecar:
         out = h1.serialize_response_head(
             h1.ResponseHead(response.status, response.reason, b"1.1", r_headers, keep, response.body), r_headers)
         try:
-            await self._relay(writer, up.stream, reframe, out)
+            await self._relay(writer, up.conn, reframe, out)
         except (h1.ProtocolError, ConnectionError, TimeoutError, ssl.SSLError):
             # Mid-body: the status line is gone, so all we can do is cut the client connection.
             up.close()
@@ -724,7 +728,7 @@ class Sidecar:
             up.close()
         return keep
 
-    async def _relay(self, writer: asyncio.StreamWriter, up_stream: EventStream, reframe: bool, head: bytes) -> None:
+    async def _relay(self, writer: Conn, up_stream: Conn, reframe: bool, head: bytes) -> None:
         """Send the response head and copy the body to the client, one upstream read at a time
         (bounded memory). The head goes out with the body's first piece: one TLS record and one
         send(2) for a small response, instead of two."""
@@ -740,27 +744,28 @@ class Sidecar:
                 data, pending = pending + data, b""
             await self._send(writer, data)
 
-    async def _send_request(self, up: Upstream, client: EventStream, out_head: bytes, prefix: list[h1.Event],
+    async def _send_request(self, up: Upstream, client: Conn, out_head: bytes, prefix: list[h1.Event],
                             body_done: bool, chunked: bool, ex: _Exchange) -> None:
         up.uses += 1
-        up.parser.expect(out_head.split(b" ", 1)[0])
-        await self._send(up.writer, out_head)
+        conn = up.conn
+        conn.parser.expect(out_head.split(b" ", 1)[0])
+        await self._send(conn, out_head)
         events: list[h1.Event] = list(prefix)
         while True:
             for event in events:
                 if isinstance(event, h1.Data):
                     ex.bytes_out += len(event.data)
-                    await self._send(up.writer, h1.chunk(event.data) if chunked else event.data)
+                    await self._send(conn, h1.chunk(event.data) if chunked else event.data)
                 elif isinstance(event, h1.EndOfMessage):
                     if chunked:
-                        await self._send(up.writer, h1.last_chunk())
+                        await self._send(conn, h1.last_chunk())
                     return
             if body_done:
                 return
             events = [await self._client_event(client)]
 
     async def _response_head(self, up: Upstream) -> h1.ResponseHead:
-        stream = up.stream
+        stream = up.conn
         before = stream.received
         while True:
             event = await stream.next(self.timeouts.read)
@@ -772,7 +777,7 @@ class Sidecar:
                 return event
             # 1xx interim responses are dropped: the whole request body is already sent.
 
-    async def _fail(self, writer: asyncio.StreamWriter, ex: _Exchange, status: int, reason: str,
+    async def _fail(self, writer: Conn, ex: _Exchange, status: int, reason: str,
                     head: h1.RequestHead, keep: bool) -> bool:
         ex.status, ex.reason = status, f"{ex.reason}; {reason}" if ex.reason else reason
         ex.flagged = True
@@ -788,18 +793,12 @@ class Sidecar:
 
     # --- writing ---------------------------------------------------------------------------
 
-    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        if not data:
-            return
-        writer.write(data)
-        # Wait (under the write timeout) only when the peer is slow and the transport's buffer is
-        # above its high-water mark: a drain that has nothing to wait for still costs a timeout
-        # context per write, which was a tenth of the event loop's time under load.
-        if writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER or writer.transport.is_closing():
-            async with asyncio.timeout(self.timeouts.write):
-                await writer.drain()
+    async def _send(self, writer: Conn, data: bytes) -> None:
+        # Waits (under the write timeout) only when the peer is slow and the transport has
+        # paused us: no timer at all on the usual path.
+        await writer.send(data, self.timeouts.write)
 
-    async def _respond(self, writer: asyncio.StreamWriter, status: int, reason: str, body: bytes, keep: bool,
+    async def _respond(self, writer: Conn, status: int, reason: str, body: bytes, keep: bool,
                        extra: h1.Headers = ()) -> None:
         headers = ((b"Content-Type", b"application/json"), (b"Content-Length", str(len(body)).encode())) + extra
         if not keep:
@@ -807,7 +806,7 @@ class Sidecar:
         await self._send(writer, b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (
             status, reason.encode(), b"".join(b"%s: %s\r\n" % h for h in headers), body))
 
-    async def _error(self, writer: asyncio.StreamWriter, status: int, reason: str) -> None:
+    async def _error(self, writer: Conn, status: int, reason: str) -> None:
         """Answer a malformed request (no decision was made) and let the caller close."""
         with contextlib.suppress(ConnectionError, TimeoutError):
             await self._respond(writer, status, _REASONS.get(status, "Error"),
@@ -820,6 +819,13 @@ class _StaleUpstream(Exception):
 
 _REASONS = {400: "Bad Request", 403: "Forbidden", 431: "Request Header Fields Too Large",
             501: "Not Implemented", 502: "Bad Gateway", 505: "HTTP Version Not Supported"}
+
+
+async def _closed(conn: Conn) -> None:
+    conn.close()
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1):
+            await conn.wait_closed()
 
 
 def _deny(reason: str) -> Decision:
@@ -871,7 +877,7 @@ async def serve(listen: tuple[str, int], policy: CompiledPolicy, ca: Certificate
     sidecar = Sidecar(policy, ca, audit, upstream_cafile=upstream_cafile, allow_private=allow_private,
                       resolve=resolve, timeouts=timeouts)
     sidecar.start()
-    server = await asyncio.start_server(sidecar.handle, listen[0], listen[1], limit=READ_SIZE)
+    server = await asyncio.get_running_loop().create_server(sidecar.protocol, listen[0], listen[1])
     if bound is not None:
         bound.extend(sock.getsockname()[:2] for sock in server.sockets)
     try:

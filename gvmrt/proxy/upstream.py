@@ -14,15 +14,13 @@ import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gvmrt.errors import GvmrtError
-from gvmrt.proxy import h1
+from gvmrt.proxy.conn import Conn
 from gvmrt.proxy.h1 import ResponseParser
 
-__all__ = ["EventStream", "UpstreamError", "Resolver", "Upstream", "Pool", "address_problem", "default_resolve"]
-
-READ_SIZE = 64 * 1024
+__all__ = ["UpstreamError", "Resolver", "Upstream", "Pool", "address_problem", "default_resolve"]
 
 CONNECT_TIMEOUT = 10.0
 IDLE_CUTOFF = 15.0          # below common server keep-alive timeouts (nginx 75 s, Apache 5 s..15 s)
@@ -82,63 +80,20 @@ def address_problem(address: str) -> str | None:
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
-class EventStream:
-    """A byte stream feeding an h1 parser, handing out its events one at a time.
-
-    Reads at most READ_SIZE bytes per socket read, so a body is never held whole: the events of
-    one read are consumed before the next read.
-    """
-
-    def __init__(self, reader: asyncio.StreamReader, parser: h1.RequestParser | h1.ResponseParser) -> None:
-        self.reader = reader
-        self.parser = parser
-        self.pending: list[h1.Event] = []
-        self.eof = False
-        self.received = 0          # bytes read so far (tells a stale pooled upstream apart)
-
-    async def next(self, timeout: float) -> h1.Event | None:
-        """The next event, or None at EOF between messages. Raises h1.ProtocolError, TimeoutError."""
-        while not self.pending:
-            if self.eof:
-                return None
-            if getattr(self.reader, "_buffer", None) or self.reader.at_eof():
-                # Already arrived (usual under load): read() returns at once, so the timeout
-                # context (a timer, and a getpid(2) per current_task lookup) would be pure cost.
-                data = await self.reader.read(READ_SIZE)
-            else:
-                async with asyncio.timeout(timeout):
-                    data = await self.reader.read(READ_SIZE)
-            if data:
-                self.received += len(data)
-                self.pending = self.parser.feed(data)
-            else:
-                self.eof = True
-                self.pending = self.parser.feed_eof()
-        return self.pending.pop(0)
-
-
 @dataclass(eq=False)
 class Upstream:
-    """One connection to an upstream server, with the parser of its response stream."""
+    """One connection to an upstream server; its `conn` parses the responses."""
 
     key: Key
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    parser: ResponseParser = field(default_factory=ResponseParser)
+    conn: Conn
     idle_since: float = 0.0
     uses: int = 0
-    stream: EventStream = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.stream = EventStream(self.reader, self.parser)
 
     def usable(self) -> bool:
-        # The EOF check of issue 3's second trap: a pooled connection the server has closed shows
-        # EOF (or a closing transport) once the loop has read the FIN.
-        return not (self.stream.eof or self.stream.pending or self.parser.buffered or self.reader.at_eof() or self.writer.is_closing() or self.reader.exception() is not None)
+        return self.conn.usable()
 
     def close(self) -> None:
-        self.writer.close()
+        self.conn.close()
 
 
 class Pool:
@@ -221,16 +176,16 @@ class Pool:
         for address in addresses:
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
-                    reader, writer = await asyncio.open_connection(
-                        address, port, ssl=tls, server_hostname=name if tls else None,
-                        limit=READ_SIZE)
+                    _, conn = await asyncio.get_running_loop().create_connection(
+                        lambda: Conn(ResponseParser()), address, port, ssl=tls,
+                        server_hostname=name if tls else None)
             except ssl.SSLError as exc:
                 raise UpstreamError(502, f"TLS to upstream {host} failed: {exc.reason or exc}") from exc
             except (OSError, TimeoutError) as exc:
                 last = exc
                 continue
             self.connects += 1
-            return Upstream(key, reader, writer)
+            return Upstream(key, conn)
         raise UpstreamError(502, f"cannot connect to {host}:{port}: {last}")
 
     def release(self, up: Upstream) -> None:
@@ -245,13 +200,13 @@ class Pool:
         up.idle_since = time.monotonic()
         conns.append(up)
 
-    def close(self) -> list[asyncio.StreamWriter]:
-        """Close every idle connection; returns their writers so an async caller can wait for the
-        sockets to be released (a transport only lets go of its socket on a later loop iteration)."""
-        writers = []
+    def close(self) -> list[Conn]:
+        """Close every idle connection; returns them so an async caller can wait for the sockets
+        to be released (a transport only lets go of its socket on a later loop iteration)."""
+        closed = []
         for conns in self._idle.values():
             for up in conns:
                 up.close()
-                writers.append(up.writer)
+                closed.append(up.conn)
         self._idle.clear()
-        return writers
+        return closed

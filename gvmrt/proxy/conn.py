@@ -1,0 +1,203 @@
+"""One sidecar connection's I/O: an asyncio Protocol that feeds an h1 parser as bytes arrive.
+
+Both ends of a proxied request (the agent's connection and each pooled upstream connection) are a
+`Conn`. Bytes go from the transport straight into the connection's parser (`data_received`); the
+events wait in a deque until the serving coroutine takes them with `next(timeout)`. Nothing in
+between: no StreamReader buffer to copy through, no read() slicing, and a wait costs one future
+and one timer handle rather than an `asyncio.timeout` context (which looks up the current task,
+a getpid(2) on this Python, and reschedules). On the hot path of a keep-alive request the data is
+usually there already, and `next` returns without suspending at all.
+
+Memory stays bounded the way a StreamReader bounds it: when the body bytes waiting in the deque
+pass `READ_LIMIT`, the transport stops reading until the consumer has taken them. Writes go
+straight to the transport; a writer waits (under its timeout) only while the transport has paused
+it (its buffer above the high-water mark), so a slow reader at the other end slows the sender
+instead of filling the sidecar's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+from gvmrt.proxy import h1
+
+__all__ = ["Conn", "READ_LIMIT", "WRITE_HIGH_WATER"]
+
+READ_LIMIT = 64 * 1024          # body bytes parsed but not yet taken, before reading pauses
+WRITE_HIGH_WATER = 64 * 1024    # transport buffer above which a writer waits
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+class Conn(asyncio.Protocol):
+    """A connection whose incoming bytes are parsed as they arrive (see the module docstring)."""
+
+    def __init__(self, parser: h1.RequestParser | h1.ResponseParser,
+                 on_made: Any = None) -> None:
+        self.parser = parser
+        self.transport: asyncio.Transport | None = None
+        self.events: deque[h1.Event] = deque()
+        self.eof = False               # the peer closed its side (or the connection is gone)
+        self.received = 0              # bytes read so far (tells a stale pooled upstream apart)
+        self.error: BaseException | None = None   # a parse error or the reset that ended it
+        self._queued = 0               # body bytes in `events`
+        self._reading_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._closed: asyncio.Future[None] | None = None
+        self._lost = False
+        self._on_made = on_made
+
+    # --- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        if self._on_made is not None:
+            on_made, self._on_made = self._on_made, None
+            on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.error is not None:
+            return
+        try:
+            events = self.parser.feed(data)
+        except h1.ProtocolError as exc:
+            self.error = exc
+        else:
+            for event in events:
+                if type(event) is h1.Data:
+                    self._queued += len(event.data)
+            self.events.extend(events)
+            if self._queued > READ_LIMIT and not self._reading_paused and self.transport is not None:
+                self._reading_paused = True
+                self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.error is None:
+            try:
+                self.events.extend(self.parser.feed_eof())
+            except h1.ProtocolError as exc:
+                self.error = exc
+        self._wake()
+        # Plain TCP: keep our side open to answer a client that half-closed after its request
+        # (as StreamReaderProtocol does). TLS cannot half-close: let the transport close.
+        return self.transport is not None and self.transport.get_extra_info("sslcontext") is None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.eof:
+            self.eof = True
+            if exc is not None and self.error is None:
+                self.error = exc if isinstance(exc, ConnectionError) else ConnectionResetError(str(exc))
+            elif self.error is None:
+                try:
+                    self.events.extend(self.parser.feed_eof())
+                except h1.ProtocolError as perr:
+                    self.error = perr
+        self._wake()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ConnectionResetError("connection lost"))
+        self._lost = True
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # --- reading --------------------------------------------------------------------------
+
+    async def next(self, timeout: float) -> h1.Event | None:
+        """The next event, or None at EOF between messages. Raises h1.ProtocolError, TimeoutError,
+        ConnectionError."""
+        while True:
+            if self.events:
+                event = self.events.popleft()
+                if type(event) is h1.Data:
+                    self._queued -= len(event.data)
+                    if self._reading_paused and self._queued <= READ_LIMIT // 2:
+                        self._reading_paused = False
+                        if self.transport is not None and not self.transport.is_closing():
+                            self.transport.resume_reading()
+                return event
+            if self.error is not None:
+                raise self.error
+            if self.eof:
+                return None
+            loop = asyncio.get_running_loop()
+            fut = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _expire, fut)
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                self._waiter = None
+
+    @property
+    def pending(self) -> bool:
+        """Events parsed and not yet taken."""
+        return bool(self.events)
+
+    # --- writing --------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    async def send(self, data: bytes, timeout: float) -> None:
+        """Write, then wait (under `timeout`) only if the transport asked us to stop."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        if data:
+            transport.write(data)
+        if self._write_paused:
+            loop = asyncio.get_running_loop()
+            fut = self._drain = loop.create_future()
+            timer = loop.call_later(timeout, _expire, fut)
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                self._drain = None
+
+    # --- the rest of a StreamWriter's face ------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default) if self.transport is not None else default
+
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def wait_closed(self) -> None:
+        if self._lost or self.transport is None:
+            return
+        if self._closed is None:
+            self._closed = asyncio.get_running_loop().create_future()
+        await self._closed
+
+    def usable(self) -> bool:
+        """For a pooled connection: still open, nothing unexpected read (issue 3's EOF check)."""
+        return not (self.eof or self.events or self.error is not None or self.parser.buffered
+                    or self.transport is None or self.transport.is_closing())
