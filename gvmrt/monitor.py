@@ -84,6 +84,7 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
     import resource
     import socket
 
+    from gvmrt import evloop
     from gvmrt.audit.writer import AuditError, AuditLog, open_segment, record_time
     from gvmrt.policy.matcher import CompiledPolicy
     # Two sockets per proxied connection: take the whole hard limit we were given.
@@ -326,7 +327,7 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
             pass
 
     try:
-        asyncio.run(serve())
+        evloop.run(serve())
     except GvmrtError as exc:
         os.write(2, f"gvmrt monitor {conf['id']}: {exc}\n".encode())
         return 1

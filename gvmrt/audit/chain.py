@@ -54,7 +54,7 @@ _canonical = canonical
 def entry_line(body: str) -> tuple[str, bytes]:
     """(h, the line with its newline) for a canonical body."""
     h = sha256(ENTRY_DOMAIN + body.encode()).hexdigest()
-    return h, (body[:-1] + ',"h":"' + h + '"}\n').encode()
+    return h, f'{body[:-1]},"h":"{h}"}}\n'.encode()
 
 
 # --- Merkle tree (RFC 9162 §2.1.1: leaf = H(0x00 || d), node = H(0x01 || left || right)) ---------

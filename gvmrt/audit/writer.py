@@ -41,10 +41,17 @@ class AuditError(GvmrtError):
     """The audit log could not be written (or synced): the request it was for must be refused."""
 
 
+_second: list[Any] = [None, ""]     # the last whole second formatted, and its text
+
+
 def record_time() -> str:
     """Now, as every record says it: UTC, milliseconds, RFC 3339 ("2026-11-26T01:02:03.456Z")."""
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+    ms = int(time.time() * 1000)
+    second, rest = divmod(ms, 1000)
+    if second != _second[0]:
+        # strftime once per second, not per record (two records per proxied request)
+        _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second[1]}.{rest:03d}Z"
 
 
 def open_segment(path: str, n: int) -> int:

@@ -51,6 +51,7 @@ def proxy(
     from gvmrt.hostconf import load as host_config
     from gvmrt.hostconf import signing_key
     from gvmrt.proxy.certs import CertificateAuthority
+    from gvmrt import evloop
     from gvmrt.proxy.server import serve, tune_gc
     from gvmrt.spec import parse_config
     from gvmrt.statedir import StateRoot
@@ -126,12 +127,7 @@ def proxy(
 
         tune_gc()
         try:
-            if os.environ.get("GVMRT_UVLOOP"):
-                import uvloop
-                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
-                    r.run(main())
-            else:
-                asyncio.run(main())
+            evloop.run(main())
         except OSError as exc:
             raise HostError(f"--listen {listen}: {exc.strerror}") from None
         finally:

@@ -47,7 +47,7 @@ class BodyKind(enum.Enum):
     UNTIL_CLOSE = "until-close"  # response without CL/TE: the body ends when upstream closes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestHead:
     method: bytes
     target: bytes
@@ -58,7 +58,7 @@ class RequestHead:
     content_length: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponseHead:
     status: int
     reason: bytes
@@ -69,12 +69,12 @@ class ResponseHead:
     content_length: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Data:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EndOfMessage:
     trailers: Headers = ()
 
@@ -130,6 +130,7 @@ _CHUNK_LINE_RE = re.compile(
 # Names that some servers fold to the real thing ("_" -> "-", e.g. CGI's HTTP_* variables); a
 # look-alike framing header is a known smuggling vector, so it is refused outright.
 _LOOKALIKE = {b"content-length", b"transfer-encoding", b"host", b"connection"}
+_FRAMING_LINE_RE = re.compile(rb"\r\n(?:(host)|(content-length)|(transfer-encoding)):", re.IGNORECASE)
 # Fields that must never come in a trailer section (RFC 9110 §6.5.1): framing and routing.
 _NOT_IN_TRAILERS = {b"content-length", b"transfer-encoding", b"host"}
 
@@ -342,16 +343,21 @@ class _Parser:
         cl: list[bytes] = []
         te: list[bytes] = []
         hosts = 0
-        for name, value in headers:
-            low = name.lower()
-            if low == b"host":
+        # Only the lines that matter, found by one regex over the (already checked) head rather
+        # than a Python step per field: Host, Content-Length, Transfer-Encoding; names are
+        # looked at one by one only if the head has a "_" at all (a look-alike framing name).
+        # A value is the rest of its line without surrounding OWS, as llhttp reports it.
+        if b"_" in head:
+            for name, _ in headers:
+                if b"_" in name and name.lower().replace(b"_", b"-") in _LOOKALIKE:
+                    raise self._fail(f"header {name.decode()!r} looks like a framing header")
+        for m in _FRAMING_LINE_RE.finditer(head):
+            which = m.lastindex
+            if which == 1:
                 hosts += 1
-            elif low == b"content-length":
-                cl.append(value)
-            elif low == b"transfer-encoding":
-                te.append(value)
-            elif b"_" in low and low.replace(b"_", b"-") in _LOOKALIKE:
-                raise self._fail(f"header {name.decode()!r} looks like a framing header")
+            else:
+                value = head[m.end():head.index(b"\r\n", m.end())].strip(b" \t")
+                (cl if which == 2 else te).append(value)
         if cl and te:
             # RFC 9112 §6.1: "ought to be handled as an error"; the classic CL.TE / TE.CL shape.
             raise self._fail("both Content-Length and Transfer-Encoding")
@@ -589,7 +595,7 @@ class ResponseParser(_Parser):
 # --- serialisation ----------------------------------------------------------------------------
 
 def _field_block(headers: Headers) -> bytes:
-    block = b"".join(b"%s: %s\r\n" % (n, v) for n, v in headers)
+    block = b"\r\n".join([b": ".join(h) for h in headers]) + b"\r\n" if headers else b""
     # Never emit what we would refuse: a CR/LF in an injected value is header injection.
     if _FIELDS_RE.fullmatch(block) is None or block.count(b"\r\n") != len(headers):
         raise ValueError(f"refusing to serialise invalid header fields: {_why_bad_fields(block)}")
@@ -630,10 +636,25 @@ HOP_BY_HOP = frozenset({
 _NEVER_HOP = frozenset({b"content-length", b"host"})
 
 
-def strip_hop_by_hop(headers: Headers) -> Headers:
-    """Headers to forward: without hop-by-hop fields and those named in Connection."""
-    drop = HOP_BY_HOP | (connection_tokens(headers) - _NEVER_HOP)
-    return tuple((n, v) for n, v in headers if n.lower() not in drop)
+def strip_hop_by_hop(headers: Headers, also: frozenset[bytes] = frozenset(), prefix: bytes | None = None) -> Headers:
+    """Headers to forward: without hop-by-hop fields, those named in Connection, those named in
+    `also` (lower case) and those whose lower-cased name starts with `prefix`. One pass over the
+    fields on the usual path (no Connection options beyond keep-alive/close)."""
+    kept = []
+    options = None
+    for pair in headers:
+        low = pair[0].lower()
+        if low in HOP_BY_HOP:
+            if low == b"connection":
+                options = (options or []) + [t.strip(b" \t").lower() for t in pair[1].split(b",")]
+            continue
+        if low in also or (prefix is not None and low.startswith(prefix)):
+            continue
+        kept.append((low, pair))
+    if options:
+        named = set(options) - _NEVER_HOP - {b""}
+        return tuple(pair for low, pair in kept if low not in named)
+    return tuple(pair for _, pair in kept)
 
 
 __all__ = [

@@ -87,26 +87,34 @@ class _Exchange:
         """The decision record: everything known when the request was decided (and, for a request
         answered by the sidecar itself, its status). A forwarded request's decision is written
         before a byte of it goes upstream, with status null; `outcome()` follows it."""
-        return {
+        entry = {
             "time": record_time(), "record": "decision",
             "container": self.container, "mode": self.mode, "request_id": self.request_id, "method": self.method, "host": self.host, "port": self.port,
             "path": self.path, "rule": self.rule, "decision": self.decision, "reason": self.reason,
             "status": self.status, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "duration_ms": round((time.monotonic() - self.started) * 1000, 3), "flagged": self.flagged,
-            **({"approval": self.approval} if self.approval is not None else {}),
-            **({"credential": self.credential} if self.credential is not None else {}),
-            **({"would": self.would} if self.would is not None else {}),
         }
+        if self.approval is not None:
+            entry["approval"] = self.approval
+        if self.credential is not None:
+            entry["credential"] = self.credential
+        if self.would is not None:
+            entry["would"] = self.would
+        return entry
 
     def outcome(self, reason: str | None = None) -> dict[str, Any]:
         """How a forwarded request ended: status (0 if the client went away), bytes, duration."""
-        return {
+        entry = {
             "time": record_time(), "record": "outcome", "container": self.container,
             "request_id": self.request_id, "status": self.status, "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out, "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
-            "flagged": self.flagged, **({"reason": reason} if reason else {}),
-            **({"credential": self.credential} if self.credential is not None else {}),
+            "flagged": self.flagged,
         }
+        if reason:
+            entry["reason"] = reason
+        if self.credential is not None:
+            entry["credential"] = self.credential
+        return entry
 
 
 # Request ids: a random prefix per process and a counter (unique, and no getrandom(2) per request).
@@ -631,7 +639,7 @@ class Sidecar:
                        ex: _Exchange, scheme: str, prefix: list[h1.Event], body_done: bool) -> bool:
         key = (scheme, ex.host, ex.port)
         authority = ex.host if ex.port == (443 if scheme == "https" else 80) else f"{ex.host}:{ex.port}"
-        headers = tuple((n, v) for n, v in h1.strip_hop_by_hop(head.headers) if n.lower() != b"host")
+        headers = h1.strip_hop_by_hop(head.headers, also=_HOST)
         if self.credentials:
             # After the decision (only allowed requests get here): the agent's own credentials
             # never reach a covered host, the real one only a request in scope.
@@ -699,8 +707,7 @@ class Sidecar:
         self._outcome_later(ex)
         keep = head.keep_alive
         # The X-Gvm-* headers the agent sees are the sidecar's alone: an upstream cannot add its own.
-        r_headers = tuple((n, v) for n, v in h1.strip_hop_by_hop(response.headers)
-                          if not n.lower().startswith(b"x-gvm-"))
+        r_headers = h1.strip_hop_by_hop(response.headers, prefix=b"x-gvm-")
         reframe = response.body in (h1.BodyKind.CHUNKED, h1.BodyKind.UNTIL_CLOSE)
         if reframe:
             if head.version == b"1.1":
@@ -811,6 +818,9 @@ class Sidecar:
         with contextlib.suppress(ConnectionError, TimeoutError):
             await self._respond(writer, status, _REASONS.get(status, "Error"),
                                 json.dumps({"decision": "error", "reason": reason}).encode(), False)
+
+
+_HOST = frozenset({b"host"})
 
 
 class _StaleUpstream(Exception):
