@@ -13,6 +13,7 @@ Paths are case-sensitive (RFC 3986 §6.2.2.1: only scheme and host are case-inse
 
 from __future__ import annotations
 
+import functools
 import re
 from urllib.parse import parse_qsl, unquote
 
@@ -136,6 +137,7 @@ _HOST_CHARS = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 _IPV6 = re.compile(r"[0-9a-f:.]+(%[a-z0-9._~-]+)?")
 
 
+@functools.lru_cache(maxsize=4096)   # pure; twice per request (sidecar, then policy), same few hosts
 def canonical_host(host: str) -> str:
     """Lowercase ASCII host name without port or trailing dot; IDNs in punycode (xn--).
 

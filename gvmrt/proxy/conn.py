@@ -29,11 +29,6 @@ READ_LIMIT = 64 * 1024          # body bytes parsed but not yet taken, before re
 WRITE_HIGH_WATER = 64 * 1024    # transport buffer above which a writer waits
 
 
-def _expire(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
-
-
 class Conn(asyncio.Protocol):
     """A connection whose incoming bytes are parsed as they arrive (see the module docstring)."""
 
@@ -47,9 +42,15 @@ class Conn(asyncio.Protocol):
         self.error: BaseException | None = None   # a parse error or the reset that ended it
         self._queued = 0               # body bytes in `events`
         self._reading_paused = False
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None    # a read waiting for bytes
         self._write_paused = False
-        self._drain: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None     # a write waiting for resume_writing
+        # One lazy timer per connection instead of one per wait: a wait sets its deadline (a
+        # float); the timer is armed only when no armed one fires early enough, and when it fires
+        # before the deadline (the wait ended and a later one began) it re-arms for the rest.
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._closed: asyncio.Future[None] | None = None
         self._lost = False
         self._on_made = on_made
@@ -107,6 +108,9 @@ class Conn(asyncio.Protocol):
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionResetError("connection lost"))
         self._lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
 
@@ -144,12 +148,12 @@ class Conn(asyncio.Protocol):
                 return None
             loop = asyncio.get_running_loop()
             fut = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout, _expire, fut)
+            self._arm(loop, timeout)
             try:
                 await fut
             finally:
-                timer.cancel()
                 self._waiter = None
+                self._deadline = None
 
     @property
     def pending(self) -> bool:
@@ -171,12 +175,32 @@ class Conn(asyncio.Protocol):
         if self._write_paused:
             loop = asyncio.get_running_loop()
             fut = self._drain = loop.create_future()
-            timer = loop.call_later(timeout, _expire, fut)
+            self._arm(loop, timeout)
             try:
                 await fut
             finally:
-                timer.cancel()
                 self._drain = None
+                self._deadline = None
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        deadline = self._deadline = loop.time() + timeout
+        if self._timer is None or self._timer_at > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._timer_at = loop.call_at(deadline, self._on_timer), deadline
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return                      # nothing waits now; the next wait arms it again
+        loop = asyncio.get_running_loop()
+        if loop.time() < deadline:
+            self._timer, self._timer_at = loop.call_at(deadline, self._on_timer), deadline
+            return
+        for fut in (self._waiter, self._drain):
+            if fut is not None and not fut.done():
+                fut.set_exception(TimeoutError())
 
     # --- the rest of a StreamWriter's face ------------------------------------------------
 
