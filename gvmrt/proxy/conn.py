@@ -134,14 +134,7 @@ class Conn(asyncio.Protocol):
         ConnectionError."""
         while True:
             if self.events:
-                event = self.events.popleft()
-                if type(event) is h1.Data:
-                    self._queued -= len(event.data)
-                    if self._reading_paused and self._queued <= READ_LIMIT // 2:
-                        self._reading_paused = False
-                        if self.transport is not None and not self.transport.is_closing():
-                            self.transport.resume_reading()
-                return event
+                return self.take()
             if self.error is not None:
                 raise self.error
             if self.eof:
@@ -155,6 +148,20 @@ class Conn(asyncio.Protocol):
                 self._waiter = None
                 self._deadline = None
 
+    def take(self) -> h1.Event | None:
+        """The next event if it is parsed already, else None (never waits, never raises): the
+        serving coroutine's fast path, `ev = conn.take() or await conn.next(timeout)`."""
+        if not self.events:
+            return None
+        event = self.events.popleft()
+        if type(event) is h1.Data:
+            self._queued -= len(event.data)
+            if self._reading_paused and self._queued <= READ_LIMIT // 2:
+                self._reading_paused = False
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.resume_reading()
+        return event
+
     @property
     def pending(self) -> bool:
         """Events parsed and not yet taken."""
@@ -165,13 +172,23 @@ class Conn(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
 
-    async def send(self, data: bytes, timeout: float) -> None:
-        """Write, then wait (under `timeout`) only if the transport asked us to stop."""
+    def put(self, data: bytes) -> bool:
+        """Write without waiting; True if the transport asked us to stop, and the caller must
+        `await drained(timeout)` before writing more. Raises ConnectionResetError once closed."""
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("connection lost")
         if data:
             transport.write(data)
+        return self._write_paused
+
+    async def send(self, data: bytes, timeout: float) -> None:
+        """Write, then wait (under `timeout`) only if the transport asked us to stop."""
+        if self.put(data):
+            await self.drained(timeout)
+
+    async def drained(self, timeout: float) -> None:
+        """Wait (under `timeout`) until the transport takes writes again."""
         if self._write_paused:
             loop = asyncio.get_running_loop()
             fut = self._drain = loop.create_future()

@@ -407,7 +407,7 @@ class Sidecar:
         served = 0
         while True:
             try:
-                event = await client.next(self.timeouts.client_idle)
+                event = client.take() or await client.next(self.timeouts.client_idle)
             except h1.ProtocolError as exc:
                 if mode == "transparent" and address is not None and served == 0:
                     await self._refused(address, tunnel[1] if tunnel else origin_port or 0,
@@ -525,9 +525,9 @@ class Sidecar:
         if head.body is h1.BodyKind.NONE or (
                 head.body is h1.BodyKind.LENGTH and (head.content_length or 0) <= MAX_JSON_BODY):
             while True:
-                event = await self._client_event(client)
+                event = client.take() or await self._client_event(client)
                 prefix.append(event)
-                if isinstance(event, h1.EndOfMessage):
+                if type(event) is h1.EndOfMessage:
                     break
             body = b"".join(e.data for e in prefix if isinstance(e, h1.Data))
 
@@ -584,12 +584,27 @@ class Sidecar:
         try:
             await self._write_entry(ex.outcome(reason) if ex.decided else ex.entry(), sync)
         except AuditError as exc:
-            await self._respond(writer, 503, "Service Unavailable",
-                                json.dumps({"decision": "error", "reason": f"cannot record the request: {exc}",
-                                            "request_id": ex.request_id}).encode(), False,
-                                extra=((b"X-Gvm-Request-Id", ex.request_id.encode()),))
+            await self._unrecorded(writer, ex, exc)
             return False
         return True
+
+    def _record_now(self, ex: _Exchange) -> AuditError | None:
+        """`_record` of a decision nothing waits on the disk for (an allow): written at once,
+        without a coroutine; the error, if any, for the caller to answer with `_unrecorded`."""
+        entry = ex.entry()
+        try:
+            self.audit.append(entry)
+        except AuditError as exc:
+            return exc
+        if self.events.subscribers:
+            self.events.publish({"event": "decision", **entry})
+        return None
+
+    async def _unrecorded(self, writer: Conn, ex: _Exchange, exc: AuditError) -> None:
+        await self._respond(writer, 503, "Service Unavailable",
+                            json.dumps({"decision": "error", "reason": f"cannot record the request: {exc}",
+                                        "request_id": ex.request_id}).encode(), False,
+                            extra=((b"X-Gvm-Request-Id", ex.request_id.encode()),))
 
     def _outcome_later(self, ex: _Exchange) -> None:
         self._outcomes.append(ex.outcome())
@@ -625,6 +640,9 @@ class Sidecar:
 
     async def _client_event(self, client: Conn) -> h1.Event:
         """The next event of a request body; a cut or malformed body ends the connection."""
+        event = client.take()
+        if event is not None:
+            return event
         try:
             event = await client.next(self.timeouts.read)
         except h1.ProtocolError:
@@ -655,9 +673,14 @@ class Sidecar:
         # included): a request that cannot be recorded is not forwarded, and one whose client
         # goes away mid-body is still on record (its outcome says so).
         ex.status = None                # not known until the upstream answers
-        if not await self._record(writer, ex, sync=ex.decision in ("delay", "require_approval")
-                                  or ex.approval is not None):
-            return False
+        if ex.decision in ("delay", "require_approval") or ex.approval is not None:
+            if not await self._record(writer, ex, sync=True):
+                return False
+        else:
+            failed = self._record_now(ex)
+            if failed is not None:
+                await self._unrecorded(writer, ex, failed)
+                return False
         ex.decided = True
         # One retry on a stale pooled connection (issue 3, trap 2): only when the request is
         # replayable, i.e. its body (if any) is still in hand.
@@ -668,7 +691,17 @@ class Sidecar:
                 up = await self.pool.connect(key)
             while True:
                 try:
-                    await self._send_request(up, client, out_head, prefix, body_done, chunked, ex)
+                    if body_done and not chunked:
+                        # Head and body in hand (every bodiless request): one write, one TLS
+                        # record, no coroutine.
+                        up.uses += 1
+                        up.conn.parser.expect(head.method)
+                        data = [e.data for e in prefix if type(e) is h1.Data]
+                        ex.bytes_out = sum(map(len, data))
+                        if up.conn.put(b"".join([out_head, *data]) if data else out_head):
+                            await up.conn.drained(self.timeouts.write)
+                    else:
+                        await self._send_request(up, client, out_head, prefix, body_done, chunked, ex)
                     response = await self._response_head(up)
                     break
                 except (ConnectionError, _StaleUpstream):
@@ -740,16 +773,18 @@ class Sidecar:
         (bounded memory). The head goes out with the body's first piece: one TLS record and one
         send(2) for a small response, instead of two."""
         pending = head
+        timeout = self.timeouts
         while True:
-            event = await up_stream.next(self.timeouts.read)
-            if event is None or isinstance(event, h1.EndOfMessage):
-                await self._send(writer, pending + h1.last_chunk() if reframe else pending)
+            event = up_stream.take() or await up_stream.next(timeout.read)
+            if event is None or type(event) is h1.EndOfMessage:
+                if writer.put(pending + h1.last_chunk() if reframe else pending):
+                    await writer.drained(timeout.write)
                 return
-            assert isinstance(event, h1.Data)
-            data = h1.chunk(event.data) if reframe else event.data
+            data = h1.chunk(event.data) if reframe else event.data  # type: ignore[union-attr]
             if pending:
                 data, pending = pending + data, b""
-            await self._send(writer, data)
+            if writer.put(data):
+                await writer.drained(timeout.write)
 
     async def _send_request(self, up: Upstream, client: Conn, out_head: bytes, prefix: list[h1.Event],
                             body_done: bool, chunked: bool, ex: _Exchange) -> None:
@@ -775,7 +810,7 @@ class Sidecar:
         stream = up.conn
         before = stream.received
         while True:
-            event = await stream.next(self.timeouts.read)
+            event = stream.take() or await stream.next(self.timeouts.read)
             if event is None:
                 if stream.received == before:
                     raise _StaleUpstream("upstream closed the connection before answering")
