@@ -80,6 +80,7 @@ class EndOfMessage:
 
 
 Event = RequestHead | ResponseHead | Data | EndOfMessage
+_EOM = EndOfMessage()          # the end of every message without trailers (events are not changed)
 
 
 class ProtocolError(GvmrtError):
@@ -160,16 +161,12 @@ class _S(enum.Enum):
 class _Llhttp:
     """httptools callback target; a fresh one per head."""
 
-    __slots__ = ("parser", "target", "headers", "keep_alive", "complete")
+    __slots__ = ("parser", "headers", "keep_alive", "complete")
 
     def __init__(self) -> None:
-        self.target = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.keep_alive = False
         self.complete = False
-
-    def on_url(self, url: bytes) -> None:
-        self.target += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # llhttp drops leading OWS but keeps trailing OWS (RFC 9112 §5.1: not part of the value).
@@ -205,11 +202,15 @@ class _Parser:
         if self._state is _S.CLOSED:
             self.discarded += len(data)
             return []
-        self._buf += data
         events: list[Event] = []
         try:
-            while self._step(events):
-                pass
+            if not self._buf:
+                data = self._body_direct(data, events)
+            if data:
+                self._buf += data
+                # An empty buffer never makes progress in any state: stop probing then.
+                while self._buf and self._step(events):
+                    pass
         except ProtocolError as exc:
             exc.events = tuple(events)
             self._error = exc
@@ -224,7 +225,7 @@ class _Parser:
         if state is _S.CLOSED or (state is _S.HEAD and not self._buf.strip(b"\r\n")):
             return []
         if state is _S.UNTIL_CLOSE:
-            return [EndOfMessage()]      # RFC 9112 §6.3 item 8
+            return [_EOM]                # RFC 9112 §6.3 item 8
         self._error = ProtocolError(self._status, "connection closed in the middle of a message")
         raise self._error
 
@@ -237,6 +238,28 @@ class _Parser:
 
     def _fail(self, reason: str, status: int | None = None) -> ProtocolError:
         return ProtocolError(status or self._status, reason)
+
+    def _body_direct(self, data: bytes, events: list[Event]) -> bytes:
+        """Body bytes straight from `data` while nothing is buffered (a large body's usual
+        case): no copy into the buffer and back out. Returns what is left for the buffer."""
+        state = self._state
+        if state is _S.LENGTH or state is _S.CHUNK_DATA:
+            n = self._remaining
+            if n >= len(data):
+                piece, data = data, b""
+            else:
+                piece, data = data[:n], data[n:]
+            events.append(Data(piece))
+            self._remaining -= len(piece)
+            if self._remaining == 0:
+                if state is _S.LENGTH:
+                    self._end(events)
+                else:
+                    self._state = _S.CHUNK_CRLF
+        elif state is _S.UNTIL_CLOSE:
+            events.append(Data(data))
+            data = b""
+        return data
 
     def _step(self, events: list[Event]) -> bool:
         """Make one move; False when more input is needed."""
@@ -399,7 +422,7 @@ class _Parser:
             self._state = _S.UNTIL_CLOSE
 
     def _end(self, events: list[Event], trailers: Headers = ()) -> None:
-        events.append(EndOfMessage(trailers))
+        events.append(EndOfMessage(trailers) if trailers else _EOM)
         self._state = _S.HEAD if self._keep_alive else _S.CLOSED
 
     def _step_chunk_size(self) -> bool:
