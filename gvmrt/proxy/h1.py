@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import re
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httptools
 
@@ -56,6 +56,9 @@ class RequestHead:
     keep_alive: bool
     body: BodyKind
     content_length: int | None = None
+    # The value of its one Host field (the parser refuses two): derived from `headers`, so not
+    # part of equality.
+    host: bytes | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)
@@ -361,11 +364,11 @@ class _Parser:
             raise self._fail("head parsed differently by llhttp")
         return cb
 
-    def _framing(self, head: bytes, headers: Headers, version: bytes) -> tuple[BodyKind | None, int | None, int]:
+    def _framing(self, head: bytes, headers: Headers, version: bytes) -> tuple[BodyKind | None, int | None, list[bytes]]:
         """Body framing fields, checked (RFC 9112 §6.1, §6.3; RFC 9110 §8.6); also counts Host."""
         cl: list[bytes] = []
         te: list[bytes] = []
-        hosts = 0
+        hosts: list[bytes] = []
         # Only the lines that matter, found by one regex over the (already checked) head rather
         # than a Python step per field: Host, Content-Length, Transfer-Encoding; names are
         # looked at one by one only if the head has a "_" at all (a look-alike framing name).
@@ -376,11 +379,8 @@ class _Parser:
                     raise self._fail(f"header {name.decode()!r} looks like a framing header")
         for m in _FRAMING_LINE_RE.finditer(head):
             which = m.lastindex
-            if which == 1:
-                hosts += 1
-            else:
-                value = head[m.end():head.index(b"\r\n", m.end())].strip(b" \t")
-                (cl if which == 2 else te).append(value)
+            value = head[m.end():head.index(b"\r\n", m.end())].strip(b" \t")
+            (hosts if which == 1 else cl if which == 2 else te).append(value)
         if cl and te:
             # RFC 9112 §6.1: "ought to be handled as an error"; the classic CL.TE / TE.CL shape.
             raise self._fail("both Content-Length and Transfer-Encoding")
@@ -553,12 +553,13 @@ class RequestParser(_Parser):
         kind, length, hosts = self._framing(head, headers, version)
         # RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host; two are refused in any
         # version, since the policy decides on the host and must see the one upstream sees.
-        if hosts > 1 or (version == b"1.1" and not hosts):
+        if len(hosts) > 1 or (version == b"1.1" and not hosts):
             raise self._fail("an HTTP/1.1 request needs exactly one Host header")
         if kind is None:
             kind = BodyKind.NONE               # RFC 9112 §6.3 item 7
         keep_alive = cb.keep_alive
-        events.append(RequestHead(method, target, version, headers, keep_alive, kind, length))
+        events.append(RequestHead(method, target, version, headers, keep_alive, kind, length,
+                                  hosts[0] if hosts else None))
         self._begin_body(events, kind, length, keep_alive)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -59,7 +60,7 @@ class Timeouts:
     tls_handshake: float = 10.0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Exchange:
     """What the audit line of one request says."""
 
@@ -475,7 +476,7 @@ class Sidecar:
         method = head.method.decode("ascii")
         target = head.target.decode("latin-1")
         request_id = _request_id()
-        host_hdr = h1.header_values(head.headers, b"host")
+        host_hdr = [] if head.host is None else [head.host]
         # Where the request goes. Never from a Host header alone.
         problem = None
         if tunnel is not None:
@@ -892,6 +893,7 @@ def _unmapped(address: str) -> str:
     return address[7:] if address.startswith("::ffff:") and "." in address else address
 
 
+@functools.lru_cache(maxsize=1024)   # pure; every request in a tunnel checks the same Host value
 def _host_port(value: bytes, default_port: int) -> tuple[str, int] | None:
     """A Host header value as (canonical host, port), or None if it does not parse."""
     text = value.decode("latin-1")
