@@ -618,22 +618,25 @@ class ResponseParser(_Parser):
 
 # --- serialisation ----------------------------------------------------------------------------
 
-def _field_block(headers: Headers) -> bytes:
+def _field_block(headers: Headers, checked: bool = True) -> bytes:
     block = b"\r\n".join([b": ".join(h) for h in headers]) + b"\r\n" if headers else b""
     # Never emit what we would refuse: a CR/LF in an injected value is header injection.
-    if _FIELDS_RE.fullmatch(block) is None or block.count(b"\r\n") != len(headers):
+    # (`checked=False` only for fields a parser of ours has already checked, plus our own.)
+    if checked and (_FIELDS_RE.fullmatch(block) is None or block.count(b"\r\n") != len(headers)):
         raise ValueError(f"refusing to serialise invalid header fields: {_why_bad_fields(block)}")
     return block
 
 
-def serialize_request_head(head: RequestHead, headers_override: Headers | None = None) -> bytes:
+def serialize_request_head(head: RequestHead, headers_override: Headers | None = None, *,
+                           checked: bool = True) -> bytes:
     headers = head.headers if headers_override is None else headers_override
-    return b"%s %s HTTP/%s\r\n%s\r\n" % (head.method, head.target, head.version, _field_block(headers))
+    return b"%s %s HTTP/%s\r\n%s\r\n" % (head.method, head.target, head.version, _field_block(headers, checked))
 
 
-def serialize_response_head(head: ResponseHead, headers_override: Headers | None = None) -> bytes:
+def serialize_response_head(head: ResponseHead, headers_override: Headers | None = None, *,
+                            checked: bool = True) -> bytes:
     headers = head.headers if headers_override is None else headers_override
-    return b"HTTP/%s %d %s\r\n%s\r\n" % (head.version, head.status, head.reason, _field_block(headers))
+    return b"HTTP/%s %d %s\r\n%s\r\n" % (head.version, head.status, head.reason, _field_block(headers, checked))
 
 
 def chunk(data: bytes) -> bytes:

@@ -667,9 +667,11 @@ class Sidecar:
         chunked = head.body is h1.BodyKind.CHUNKED
         if chunked:
             headers += ((b"Transfer-Encoding", b"chunked"),)
+        # Fields from the request parser (checked there), our Host and framing: checked again
+        # only when a credential was injected (its value comes from a file, not the parser).
         out_head = h1.serialize_request_head(
             h1.RequestHead(head.method, ex.path.encode("latin-1"), b"1.1", headers, True, head.body,
-                           head.content_length), headers)
+                           head.content_length), headers, checked=ex.credential is not None)
         # The decision goes on record before anything of the request leaves (a name lookup
         # included): a request that cannot be recorded is not forwarded, and one whose client
         # goes away mid-body is still on record (its outcome says so).
@@ -752,8 +754,9 @@ class Sidecar:
         r_headers += ((b"X-Gvm-Decision", ex.decision.encode()), (b"X-Gvm-Request-Id", ex.request_id.encode()))
         if not keep:
             r_headers += ((b"Connection", b"close"),)
-        out = h1.serialize_response_head(
-            h1.ResponseHead(response.status, response.reason, b"1.1", r_headers, keep, response.body), r_headers)
+        out = h1.serialize_response_head(     # upstream's fields as its parser checked them, and ours
+            h1.ResponseHead(response.status, response.reason, b"1.1", r_headers, keep, response.body), r_headers,
+            checked=False)
         try:
             await self._relay(writer, up.conn, reframe, out)
         except (h1.ProtocolError, ConnectionError, TimeoutError, ssl.SSLError):
