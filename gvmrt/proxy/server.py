@@ -171,6 +171,7 @@ class Sidecar:
         self.events = Events()
         self.approvals = Approvals(self.events)
         self._outcomes: list[dict[str, Any]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None     # set by start(); see conn.Conn._loop
 
     # --- DNS -------------------------------------------------------------------------------
 
@@ -272,6 +273,7 @@ class Sidecar:
 
     def start(self) -> None:
         """Begin the log's periodic work (seals, group commit): once the event loop runs."""
+        self._loop = asyncio.get_running_loop()
         self._audit_task = asyncio.ensure_future(self.audit.run())
 
     async def shutdown(self) -> None:
@@ -610,7 +612,7 @@ class Sidecar:
     def _outcome_later(self, ex: _Exchange) -> None:
         self._outcomes.append(ex.outcome())
         if len(self._outcomes) == 1:
-            asyncio.get_running_loop().call_soon(self._flush_outcomes)
+            (self._loop or asyncio.get_running_loop()).call_soon(self._flush_outcomes)
 
     def _flush_outcomes(self) -> None:
         entries, self._outcomes = self._outcomes, []
