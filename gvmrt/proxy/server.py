@@ -264,6 +264,11 @@ class Sidecar:
         finally:
             writer.close()
 
+    def _prefetch(self, host: str, port: int) -> None:
+        """On a new tunnel to a name the policy names: resolve it during the TLS handshake."""
+        if self._dns_status(host)[0] == "known":
+            self.pool.prefetch(("https", host, port))
+
     def reload(self, policy: CompiledPolicy, allow_private: Collection[str]) -> None:
         """Swap the policy: one reference assignment on the loop's thread, so a request is decided
         wholly by the old set or wholly by the new (each reads `self.policy` once), and requests
@@ -353,6 +358,7 @@ class Sidecar:
                 if hello.problem is not None or host is None:
                     await self._refused(address, port, hello.problem or "no SNI")
                     return
+                self._prefetch(host, port)
                 try:
                     await loop.connect_accepted_socket(
                         lambda: protocol, sock, ssl=ctx, ssl_handshake_timeout=self.timeouts.tls_handshake)
@@ -452,6 +458,7 @@ class Sidecar:
             await self._error(writer, 400, "data sent before the CONNECT was answered")
             return
         await self._send(writer, b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        self._prefetch(host, int(port_s))
         # The leaf names the CONNECT host: that is what the policy decides on. A client whose SNI
         # names another host then fails its own verification (fail safe), and a client without SNI
         # still gets the right certificate (issue 3: "the CONNECT authority is the host").

@@ -28,6 +28,8 @@ IDLE_CUTOFF = 15.0          # below common server keep-alive timeouts (nginx 75 
 # re-dials (TLS) an upstream connection on most requests under load (bench-proxy: ~400 new
 # upstream connections per 1000 requests at 64 client connections with 8).
 MAX_IDLE_PER_KEY = 256
+PREFETCH_TTL = 10.0         # a name resolved ahead of its first request, if that request is slow to come
+MAX_PREFETCHED = 256
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 Key = tuple[str, str, int]  # (scheme, host, port)
@@ -96,6 +98,12 @@ class Upstream:
         self.conn.close()
 
 
+def _quiet(task: asyncio.Task[list[str]]) -> None:
+    """A prefetch nobody collects (the tunnel closed first) must not log "exception never retrieved"."""
+    if not task.cancelled():
+        task.exception()
+
+
 class Pool:
     """Idle upstream connections keyed by (scheme, host, port), with an idle cut-off."""
 
@@ -112,6 +120,8 @@ class Pool:
         self.idle_cutoff = idle_cutoff
         self.max_idle_per_key = max_idle_per_key
         self.connects = 0               # fresh connections opened (tests and stats)
+        # Names being (or just) resolved ahead of a tunnel's first request: (name, port) -> (when, task).
+        self._prefetched: dict[tuple[str, int], tuple[float, asyncio.Task[list[str]]]] = {}
 
     def read_ca(self) -> None:
         """Read the upstream CA file now (a root monitor cannot once it runs as nobody); the
@@ -152,13 +162,40 @@ class Pool:
         async with asyncio.timeout(CONNECT_TIMEOUT):
             return await self._resolve(name, 0)
 
+    def prefetch(self, key: Key) -> None:
+        """Start resolving `key`'s host now, while the client's TLS handshake runs, so that the
+        tunnel's first request does not wait for DNS after its decision. Only for a name the
+        policy names (the caller checks), which the jail's DNS stub would resolve anyway; nothing
+        is dialled before a decision. Skipped when a pooled connection is there to be used."""
+        scheme, host, port = key
+        name = host[1:-1] if host.startswith("[") else host
+        if (name, port) in self._prefetched or self._idle.get(key):
+            return
+        now = time.monotonic()
+        if len(self._prefetched) >= MAX_PREFETCHED:
+            for k, (when, task) in list(self._prefetched.items()):
+                if now - when >= PREFETCH_TTL or len(self._prefetched) >= MAX_PREFETCHED:
+                    del self._prefetched[k]
+                    task.cancel()
+        task = asyncio.ensure_future(self._resolve(name, port))
+        task.add_done_callback(_quiet)
+        self._prefetched[(name, port)] = (now, task)
+
+    async def _lookup(self, name: str, port: int) -> list[str]:
+        entry = self._prefetched.pop((name, port), None)
+        if entry is not None:
+            if time.monotonic() - entry[0] < PREFETCH_TTL:
+                return await entry[1]
+            entry[1].cancel()
+        return await self._resolve(name, port)
+
     async def connect(self, key: Key) -> Upstream:
         """A fresh connection: resolve by name, refuse non-public addresses, then dial (TLS for https)."""
         scheme, host, port = key
         name = host[1:-1] if host.startswith("[") else host
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                addresses = await self._resolve(name, port)
+                addresses = await self._lookup(name, port)
         except (OSError, TimeoutError) as exc:
             raise UpstreamError(502, f"cannot resolve {host}: {exc}") from exc
         if not addresses:
@@ -203,6 +240,9 @@ class Pool:
     def close(self) -> list[Conn]:
         """Close every idle connection; returns them so an async caller can wait for the sockets
         to be released (a transport only lets go of its socket on a later loop iteration)."""
+        for _, task in self._prefetched.values():
+            task.cancel()
+        self._prefetched.clear()
         closed = []
         for conns in self._idle.values():
             for up in conns:
