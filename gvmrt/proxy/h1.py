@@ -667,21 +667,27 @@ def strip_hop_by_hop(headers: Headers, also: frozenset[bytes] = frozenset(), pre
     """Headers to forward: without hop-by-hop fields, those named in Connection, those named in
     `also` (lower case) and those whose lower-cased name starts with `prefix`. One pass over the
     fields on the usual path (no Connection options beyond keep-alive/close)."""
+    drop = _DROP.get(also)
+    if drop is None:
+        drop = _DROP[also] = HOP_BY_HOP | also
     kept = []
-    options = None
+    options: list[bytes] = []
     for pair in headers:
         low = pair[0].lower()
-        if low in HOP_BY_HOP:
+        if low in drop:
             if low == b"connection":
-                options = (options or []) + [t.strip(b" \t").lower() for t in pair[1].split(b",")]
+                options += [t.strip(b" \t").lower() for t in pair[1].split(b",")]
             continue
-        if low in also or (prefix is not None and low.startswith(prefix)):
+        if prefix is not None and low.startswith(prefix):
             continue
-        kept.append((low, pair))
-    if options:
-        named = set(options) - _NEVER_HOP - {b""}
-        return tuple(pair for low, pair in kept if low not in named)
-    return tuple(pair for _, pair in kept)
+        kept.append(pair)
+    named = set(options) - _NEVER_HOP - HOP_BY_HOP - {b""}
+    if named:
+        return tuple(pair for pair in kept if pair[0].lower() not in named)
+    return tuple(kept)
+
+
+_DROP: dict[frozenset[bytes], frozenset[bytes]] = {}
 
 
 __all__ = [
