@@ -9,7 +9,9 @@ a getpid(2) on this Python, and reschedules). On the hot path of a keep-alive re
 usually there already, and `next` returns without suspending at all.
 
 Memory stays bounded the way a StreamReader bounds it: when the body bytes waiting in the deque
-pass `READ_LIMIT`, the transport stops reading until the consumer has taken them. Writes go
+pass `READ_LIMIT`, or more than `MAX_EVENTS` events wait (a client pipelining bodiless requests
+faster than they are served, or not reading its answers), the transport stops reading until the
+consumer has taken them, and TCP holds the peer back. Writes go
 straight to the transport; a writer waits (under its timeout) only while the transport has paused
 it (its buffer above the high-water mark), so a slow reader at the other end slows the sender
 instead of filling the sidecar's memory.
@@ -23,9 +25,10 @@ from typing import Any
 
 from gvmrt.proxy import h1
 
-__all__ = ["Conn", "READ_LIMIT", "WRITE_HIGH_WATER"]
+__all__ = ["Conn", "MAX_EVENTS", "READ_LIMIT", "WRITE_HIGH_WATER"]
 
 READ_LIMIT = 64 * 1024          # body bytes parsed but not yet taken, before reading pauses
+MAX_EVENTS = 8                  # events of any kind waiting, before reading pauses (heads are <= 64 KiB)
 WRITE_HIGH_WATER = 64 * 1024    # transport buffer above which a writer waits
 
 
@@ -41,14 +44,16 @@ class Conn(asyncio.Protocol):
         self.received = 0              # bytes read so far (tells a stale pooled upstream apart)
         self.error: BaseException | None = None   # a parse error or the reset that ended it
         self._queued = 0               # body bytes in `events`
-        self._reading_paused = False
+        self._paused: asyncio.BaseTransport | None = None   # the transport whose reading we paused
         self._waiter: asyncio.Future[None] | None = None    # a read waiting for bytes
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None     # a write waiting for resume_writing
         # One lazy timer per connection instead of one per wait: a wait sets its deadline (a
-        # float); the timer is armed only when no armed one fires early enough, and when it fires
-        # before the deadline (the wait ended and a later one began) it re-arms for the rest.
-        self._deadline: float | None = None
+        # float; a read and a drain each have their own); the timer is armed only when no armed
+        # one fires early enough, and when it fires before a deadline (the wait ended and a later
+        # one began) it re-arms for the earliest one left.
+        self._read_deadline: float | None = None
+        self._drain_deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._closed: asyncio.Future[None] | None = None
@@ -81,9 +86,11 @@ class Conn(asyncio.Protocol):
                 if type(event) is h1.Data:
                     self._queued += len(event.data)
             self.events.extend(events)
-            if self._queued > READ_LIMIT and not self._reading_paused and self.transport is not None:
-                self._reading_paused = True
-                self.transport.pause_reading()
+            if (self._queued > READ_LIMIT or len(self.events) > MAX_EVENTS) and self._paused is None \
+                    and self.transport is not None:
+                # Remembered: during start_tls this is the raw transport, not the TLS one after it.
+                self._paused = self.transport
+                self.transport.pause_reading()  # type: ignore[attr-defined]
         self._wake()
 
     def eof_received(self) -> bool:
@@ -145,12 +152,13 @@ class Conn(asyncio.Protocol):
                 return None
             loop = self._loop or asyncio.get_running_loop()
             fut = self._waiter = loop.create_future()
-            self._arm(loop, timeout)
+            self._read_deadline = loop.time() + timeout
+            self._arm(loop, self._read_deadline)
             try:
                 await fut
             finally:
                 self._waiter = None
-                self._deadline = None
+                self._read_deadline = None
 
     def take(self) -> h1.Event | None:
         """The next event if it is parsed already, else None (never waits, never raises): the
@@ -160,10 +168,11 @@ class Conn(asyncio.Protocol):
         event = self.events.popleft()
         if type(event) is h1.Data:
             self._queued -= len(event.data)
-            if self._reading_paused and self._queued <= READ_LIMIT // 2:
-                self._reading_paused = False
-                if self.transport is not None and not self.transport.is_closing():
-                    self.transport.resume_reading()
+        paused = self._paused
+        if paused is not None and self._queued <= READ_LIMIT // 2 and len(self.events) <= MAX_EVENTS // 2:
+            self._paused = None
+            if not paused.is_closing():
+                paused.resume_reading()  # type: ignore[attr-defined]
         return event
 
     @property
@@ -196,15 +205,15 @@ class Conn(asyncio.Protocol):
         if self._write_paused:
             loop = self._loop or asyncio.get_running_loop()
             fut = self._drain = loop.create_future()
-            self._arm(loop, timeout)
+            self._drain_deadline = loop.time() + timeout
+            self._arm(loop, self._drain_deadline)
             try:
                 await fut
             finally:
                 self._drain = None
-                self._deadline = None
+                self._drain_deadline = None
 
-    def _arm(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        deadline = self._deadline = loop.time() + timeout
+    def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         if self._timer is None or self._timer_at > deadline:
             if self._timer is not None:
                 self._timer.cancel()
@@ -212,16 +221,18 @@ class Conn(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        deadline = self._deadline
-        if deadline is None:
-            return                      # nothing waits now; the next wait arms it again
         loop = self._loop or asyncio.get_running_loop()
-        if loop.time() < deadline:
-            self._timer, self._timer_at = loop.call_at(deadline, self._on_timer), deadline
-            return
-        for fut in (self._waiter, self._drain):
-            if fut is not None and not fut.done():
+        now = loop.time()
+        left = []
+        for deadline, fut in ((self._read_deadline, self._waiter), (self._drain_deadline, self._drain)):
+            if deadline is None or fut is None or fut.done():
+                continue                # nothing waits there now; its next wait arms the timer again
+            if now >= deadline:
                 fut.set_exception(TimeoutError())
+            else:
+                left.append(deadline)
+        if left:
+            self._arm(loop, min(left))
 
     # --- the rest of a StreamWriter's face ------------------------------------------------
 

@@ -169,9 +169,12 @@ class Pool:
         is dialled before a decision. Skipped when a pooled connection is there to be used."""
         scheme, host, port = key
         name = host[1:-1] if host.startswith("[") else host
-        if (name, port) in self._prefetched or self._idle.get(key):
-            return
         now = time.monotonic()
+        earlier = self._prefetched.get((name, port))
+        if (earlier is not None and now - earlier[0] < PREFETCH_TTL) or self._idle.get(key):
+            return
+        if earlier is not None:
+            earlier[1].cancel()         # stale: replaced below
         if len(self._prefetched) >= MAX_PREFETCHED:
             for k, (when, task) in list(self._prefetched.items()):
                 if now - when >= PREFETCH_TTL or len(self._prefetched) >= MAX_PREFETCHED:
@@ -185,8 +188,12 @@ class Pool:
         entry = self._prefetched.pop((name, port), None)
         if entry is not None:
             if time.monotonic() - entry[0] < PREFETCH_TTL:
-                return await entry[1]
-            entry[1].cancel()
+                try:
+                    return await entry[1]
+                except OSError:
+                    pass                # a lookup that failed ahead of time gets one fresh try now
+            else:
+                entry[1].cancel()
         return await self._resolve(name, port)
 
     async def connect(self, key: Key) -> Upstream:

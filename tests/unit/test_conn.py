@@ -13,22 +13,45 @@ import pytest
 import uvloop
 
 from gvmrt.proxy import h1
-from gvmrt.proxy.conn import READ_LIMIT, Conn
+from gvmrt.proxy.conn import MAX_EVENTS, READ_LIMIT, Conn
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
+OPEN: list[Any] = []      # what a test opened: closed after it, pass or fail, so a failure never hangs
+
+
 def run(factory: Callable[[], asyncio.AbstractEventLoop], main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    async def bounded() -> None:
+        try:
+            async with asyncio.timeout(30):
+                await main()
+        finally:
+            for thing in reversed(OPEN):
+                if isinstance(thing, asyncio.Future):
+                    thing.cancel()
+                else:
+                    thing.close()
+            OPEN.clear()
+            for _ in range(3):          # let the transports finish closing before the loop goes
+                await asyncio.sleep(0)
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main())
+        runner.run(bounded())
 
 
 async def connected(parser: h1.RequestParser | h1.ResponseParser) -> tuple[Conn, socket.socket]:
     ours, peer = socket.socketpair()
     conn = Conn(parser)
+    OPEN.append(peer)               # `ours` belongs to the transport: closed through conn
     await asyncio.get_running_loop().create_connection(lambda: conn, sock=ours)
+    OPEN.append(conn)
     peer.setblocking(False)
     return conn, peer
+
+
+def track(fut: asyncio.Future[Any]) -> asyncio.Future[Any]:
+    OPEN.append(fut)
+    return fut
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -40,10 +63,10 @@ def test_reading_pauses_while_body_waits_and_every_byte_arrives(loop: str) -> No
         parser = h1.ResponseParser()
         parser.expect(b"GET")
         conn, peer = await connected(parser)
-        sender = asyncio.ensure_future(ev.sock_sendall(
-            peer, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"z" * size))
+        sender = track(asyncio.ensure_future(ev.sock_sendall(
+            peer, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"z" * size)))
         deadline = time.monotonic() + 5
-        while not conn._reading_paused:
+        while conn._paused is None:
             assert time.monotonic() < deadline, "reading never paused"
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.1)
@@ -61,6 +84,53 @@ def test_reading_pauses_while_body_waits_and_every_byte_arrives(loop: str) -> No
             got += len(event.data)
         assert got == size
         await sender
+        conn.close()
+        peer.close()
+    run(LOOPS[loop], main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_pipelined_heads_nobody_takes_pause_reading_too(loop: str) -> None:
+    """Not only body bytes count: a client that pipelines bodiless requests faster than they are
+    served (or never reads its answers) must be held back by TCP, not queued without limit."""
+    async def main() -> None:
+        ev = asyncio.get_running_loop()
+        conn, peer = await connected(h1.RequestParser())
+        request = b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n"
+        sender = track(asyncio.ensure_future(ev.sock_sendall(peer, request * 200_000)))   # ~9 MB of heads
+        deadline = time.monotonic() + 5
+        while conn._paused is None:
+            assert time.monotonic() < deadline, "reading never paused"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        # Bounded by the event limit plus what one read can carry, not by what the peer sent.
+        assert len(conn.events) <= MAX_EVENTS + 2 * (256 * 1024 // len(request)), len(conn.events)
+        assert not sender.done()
+        heads = 0
+        while heads < 200_000:
+            event = await conn.next(2)
+            if isinstance(event, h1.RequestHead):
+                heads += 1
+        await sender
+        conn.close()
+        peer.close()
+    run(LOOPS[loop], main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_read_and_a_drain_waiting_at_once_each_time_out(loop: str) -> None:
+    async def main() -> None:
+        conn, peer = await connected(h1.RequestParser())
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        while not conn.put(b"w" * 65536):
+            await asyncio.sleep(0)
+        t = time.monotonic()
+        read = track(asyncio.ensure_future(conn.next(0.3)))
+        drain = track(asyncio.ensure_future(conn.drained(0.6)))
+        for fut, low in ((read, 0.28), (drain, 0.58)):
+            with pytest.raises(TimeoutError):
+                await fut
+            assert low <= time.monotonic() - t < low + 1.0
         conn.close()
         peer.close()
     run(LOOPS[loop], main)

@@ -60,7 +60,7 @@ def test_a_prefetched_name_is_resolved_once_and_used_by_the_first_connect() -> N
     asyncio.run(main())
 
 
-def test_a_stale_prefetch_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stale_prefetch_is_not_used_and_does_not_block_a_new_one(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(upstream, "PREFETCH_TTL", 0.05)
 
     async def main() -> None:
@@ -72,12 +72,17 @@ def test_a_stale_prefetch_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
         await asyncio.sleep(0.1)
         (await pool.connect(key)).close()
         assert rec.calls == ["api.example", "api.example"]
+        pool.prefetch(key)
+        await asyncio.sleep(0.1)
+        pool.prefetch(key)                      # the stale one is replaced, not kept
+        await asyncio.sleep(0)
+        assert rec.calls == ["api.example"] * 4
         server.close()
         await server.wait_closed()
     asyncio.run(main())
 
 
-def test_a_failed_prefetch_fails_the_connect_like_a_lookup_and_is_never_unretrieved() -> None:
+def test_a_failed_prefetch_gets_a_fresh_lookup_and_is_never_unretrieved() -> None:
     errors: list[dict[str, Any]] = []
 
     async def main() -> None:
@@ -87,6 +92,7 @@ def test_a_failed_prefetch_fails_the_connect_like_a_lookup_and_is_never_unretrie
         pool.prefetch(("https", "gone.example", 443))
         with pytest.raises(UpstreamError, match="cannot resolve gone.example"):
             await pool.connect(("https", "gone.example", 443))
+        assert rec.calls == ["gone.example", "gone.example"]    # the failure ahead got a fresh try
         pool.prefetch(("https", "never-asked.example", 443))   # the tunnel closes before a request
         await asyncio.sleep(0.01)
         pool.close()
