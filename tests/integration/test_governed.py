@@ -323,6 +323,33 @@ emit(**direct("198.51.100.1", {upstream.http_port}, tls=False, host="api.test:{u
         ("transparent", "api.test", upstream.http_port)]
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_sidecar_serves_on_either_event_loop(agent_env: Any, upstream: Upstream, loop: str) -> None:
+    """uvloop by default; GVMRT_EVENT_LOOP=asyncio (as on a host without uvloop) gives asyncio's own
+    loop: the same explicit-proxy and transparent round trips work on it."""
+    agent = agent_env([{**ALLOW_API, "ports": [upstream.https_port, upstream.http_port]}])
+    cid = f"loop-{loop}"
+    agent._with_args(["python3", "-c", f"""from agentlib import *
+out = [proxied("GET", "https://api.test:{upstream.https_port}/echo"),
+       proxied("GET", "http://api.test:{upstream.http_port}/echo"),
+       direct("203.0.113.5", {upstream.https_port}, sni="api.test", host="api.test:{upstream.https_port}")]
+open("/t/{cid}.json", "w").write(json.dumps([(o["status"], o["decision"]) for o in out]))
+time.sleep(30)
+"""])
+    gv = agent.gv
+    gv.ok("run", "--detach", "--bundle", str(agent.bundle), cid,
+          env={} if loop == "uvloop" else {"GVMRT_EVENT_LOOP": "asyncio"})
+    try:
+        monitor = gv.ok("state", cid).json()["sidecar"]["pid"]
+        _wait_file(agent.shared / f"{cid}.json", timeout=60)    # served: its loop has long been running
+        maps = Path(f"/proc/{monitor}/maps").read_text()
+    finally:
+        gv.ok("delete", "--force", cid)
+    assert ("uvloop" in maps) == (loop == "uvloop")
+    assert json.loads((agent.shared / f"{cid}.json").read_text()) == [[200, "allow"]] * 3
+    assert [e["mode"] for e in agent.audit(cid)] == ["proxy", "proxy", "transparent"]
+
+
 def test_ports_the_policy_does_not_list_are_refused_by_the_kernel(agent_env: Any, upstream: Upstream) -> None:
     agent = agent_env([ALLOW_API])   # no ports listed: only 80 and 443 (and the proxy) are captured
     out = agent.run(f"""
