@@ -182,9 +182,6 @@ class Conn(asyncio.Protocol):
 
     # --- writing --------------------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
-
     def put(self, data: bytes) -> bool:
         """Write without waiting; True if the transport asked us to stop, and the caller must
         `await drained(timeout)` before writing more. Raises ConnectionResetError once closed."""

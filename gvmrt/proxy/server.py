@@ -650,9 +650,6 @@ class Sidecar:
 
     async def _client_event(self, client: Conn) -> h1.Event:
         """The next event of a request body; a cut or malformed body ends the connection."""
-        event = client.take()
-        if event is not None:
-            return event
         try:
             event = await client.next(self.timeouts.read)
         except h1.ProtocolError:
