@@ -25,7 +25,7 @@ import secrets
 import time
 from typing import Any, Callable
 
-from gvmrt.audit.chain import Chain
+from gvmrt.audit.chain import Chain, Entry
 from gvmrt.audit.read import part_path
 from gvmrt.errors import GvmrtError
 
@@ -180,8 +180,9 @@ class AuditLog:
 
     # --- appending -------------------------------------------------------------------------
 
-    def append(self, entry: dict[str, Any]) -> int:
-        """Chain and write one entry (it gains v, seq, prev, h); its seq. Raises AuditError."""
+    def append(self, entry: Entry) -> int:
+        """Chain and write one entry (a dict gains v, seq, prev, h; see chain.Rendered for the
+        other kind); its seq. Raises AuditError."""
         self._check()
         mark = self.chain.mark()
         data = self.chain.append(entry)
@@ -191,7 +192,7 @@ class AuditLog:
         self._write(data, mark)
         return seq
 
-    def append_many(self, entries: list[dict[str, Any]]) -> int:
+    def append_many(self, entries: list[Entry]) -> int:
         """Several entries in one write (records that gate nothing); the last one's seq."""
         self._check()
         mark = self.chain.mark()

@@ -40,6 +40,7 @@ from gvmrt.policy.canon import BadHost, canonical_host
 from gvmrt.policy.decision import Decision
 from gvmrt.policy.matcher import MAX_JSON_BODY, CompiledPolicy, Verdict
 from gvmrt.proxy import dns, h1, sniff
+from gvmrt.audit.chain import VERSION, Entry, json_string
 from gvmrt.audit.writer import AuditError, AuditLog, record_time
 from gvmrt.proxy.certs import CertificateAuthority, LeafCache
 from gvmrt.proxy.credentials import Credentials
@@ -83,6 +84,12 @@ class _Exchange:
     would: str | None = None                 # watch mode: what enforce mode would have decided
     credential: str | None = None            # the credential injected (its name, never its value)
     decided: bool = False                    # its decision record is written (an outcome follows)
+    ended: tuple[str, float] | None = None   # (time, duration_ms) when its response head came
+
+    def plain(self) -> bool:
+        """No approval, credential or watch-mode note: its records have the fixed shape that
+        `render_decision` and `render_outcome` write."""
+        return self.approval is None and self.credential is None and self.would is None
 
     def entry(self) -> dict[str, Any]:
         """The decision record: everything known when the request was decided (and, for a request
@@ -103,6 +110,30 @@ class _Exchange:
             entry["would"] = self.would
         return entry
 
+    # The same records as canonical JSON (audit.chain.Rendered), for a plain exchange: written
+    # out field by field rather than built as a dict and sorted by the general encoder, which
+    # costs ~3 µs more per record, two records per request. Keys in sorted order; strings
+    # through json_string like the encoder's; tests/unit/test_audit_render.py holds both to
+    # `canonical` of entry() and outcome().
+
+    def render_decision(self, seq: int, prev: str) -> str:
+        return (f'{{"bytes_in":{_json_int(self.bytes_in)},"bytes_out":{self.bytes_out:d},'
+                f'"container":{_js(self.container)},"decision":{_js(self.decision)},'
+                f'"duration_ms":{round((time.monotonic() - self.started) * 1000, 3)!r},'
+                f'"flagged":{"true" if self.flagged else "false"},"host":{_js(self.host)},'
+                f'"method":{_js(self.method)},"mode":{_js(self.mode)},"path":{_js(self.path)},'
+                f'"port":{self.port:d},"prev":"{prev}","reason":{_js(self.reason)},"record":"decision",'
+                f'"request_id":{_js(self.request_id)},"rule":{"null" if self.rule is None else _js(self.rule)},'
+                f'"seq":{seq:d},"status":{_json_int(self.status)},"time":"{record_time()}","v":{VERSION:d}}}')
+
+    def render_outcome(self, seq: int, prev: str) -> str:
+        when, duration = self.ended or (record_time(), round((time.monotonic() - self.started) * 1000, 3))
+        return (f'{{"bytes_in":{_json_int(self.bytes_in)},"bytes_out":{self.bytes_out:d},'
+                f'"container":{_js(self.container)},"duration_ms":{duration!r},'
+                f'"flagged":{"true" if self.flagged else "false"},"prev":"{prev}","record":"outcome",'
+                f'"request_id":{_js(self.request_id)},"seq":{seq:d},"status":{_json_int(self.status)},'
+                f'"time":"{when}","v":{VERSION:d}}}')
+
     def outcome(self, reason: str | None = None) -> dict[str, Any]:
         """How a forwarded request ended: status (0 if the client went away), bytes, duration."""
         entry = {
@@ -116,6 +147,13 @@ class _Exchange:
         if self.credential is not None:
             entry["credential"] = self.credential
         return entry
+
+
+_js = json_string
+
+
+def _json_int(value: int | None) -> str:
+    return "null" if value is None else f"{value:d}"
 
 
 # Request ids: a random prefix per process and a counter (unique, and no getrandom(2) per request).
@@ -170,7 +208,7 @@ class Sidecar:
         self.tasks: set[asyncio.Task] = set()
         self.events = Events()
         self.approvals = Approvals(self.events)
-        self._outcomes: list[dict[str, Any]] = []
+        self._outcomes: list[Entry] = []
         self._loop: asyncio.AbstractEventLoop | None = None     # set by start(); see conn.Conn._loop
 
     # --- DNS -------------------------------------------------------------------------------
@@ -601,6 +639,12 @@ class Sidecar:
     def _record_now(self, ex: _Exchange) -> AuditError | None:
         """`_record` of a decision nothing waits on the disk for (an allow): written at once,
         without a coroutine; the error, if any, for the caller to answer with `_unrecorded`."""
+        if not self.events.subscribers and ex.plain():
+            try:
+                self.audit.append(ex.render_decision)
+            except AuditError as exc:
+                return exc
+            return None
         entry = ex.entry()
         try:
             self.audit.append(entry)
@@ -617,7 +661,13 @@ class Sidecar:
                             extra=((b"X-Gvm-Request-Id", ex.request_id.encode()),))
 
     def _outcome_later(self, ex: _Exchange) -> None:
-        self._outcomes.append(ex.outcome())
+        if not self.events.subscribers and ex.plain():
+            # Rendered at the flush, as of now: the exchange changes no more (its response is
+            # relayed, and the next request is a new exchange).
+            ex.ended = (record_time(), round((time.monotonic() - ex.started) * 1000, 3))
+            self._outcomes.append(ex.render_outcome)
+        else:
+            self._outcomes.append(ex.outcome())
         if len(self._outcomes) == 1:
             (self._loop or asyncio.get_running_loop()).call_soon(self._flush_outcomes)
 
@@ -631,7 +681,8 @@ class Sidecar:
                 os.write(2, f"gvmrt sidecar: outcome records lost: {exc}\n".encode())
         if self.events.subscribers:
             for entry in entries:
-                self.events.publish({"event": "decision", **entry})
+                if type(entry) is dict:     # rendered ones were made while nobody listened
+                    self.events.publish({"event": "decision", **entry})
 
     def _abandoned(self, ex: _Exchange, reason: str) -> None:
         """Best effort, on the way out: the outcome of a forwarded request that ended without one."""
