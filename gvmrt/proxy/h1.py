@@ -639,6 +639,16 @@ def serialize_response_head(head: ResponseHead, headers_override: Headers | None
     return b"HTTP/%s %d %s\r\n%s\r\n" % (head.version, head.status, head.reason, _field_block(headers, checked))
 
 
+def request_head_11(method: bytes, target: bytes, headers: Headers, *, checked: bool = True) -> bytes:
+    """An HTTP/1.1 request head (what a proxy sends on), without a RequestHead to build first."""
+    return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, _field_block(headers, checked))
+
+
+def response_head_11(status: int, reason: bytes, headers: Headers, *, checked: bool = True) -> bytes:
+    """An HTTP/1.1 response head, without a ResponseHead to build first."""
+    return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, _field_block(headers, checked))
+
+
 def chunk(data: bytes) -> bytes:
     """One chunk (RFC 9112 §7.1). Empty data gives b"": a zero-size chunk would end the body."""
     if not data:
@@ -693,6 +703,6 @@ _DROP: dict[frozenset[bytes], frozenset[bytes]] = {}
 __all__ = [
     "MAX_HEAD", "MAX_HEADERS", "BodyKind", "Data", "EndOfMessage", "Event", "Headers", "HOP_BY_HOP",
     "ProtocolError", "RequestHead", "RequestParser", "ResponseHead", "ResponseParser", "chunk",
-    "connection_tokens", "header_values", "last_chunk", "serialize_request_head",
+    "connection_tokens", "header_values", "last_chunk", "request_head_11", "response_head_11", "serialize_request_head",
     "serialize_response_head", "strip_hop_by_hop",
 ]

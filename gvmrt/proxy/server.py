@@ -577,7 +577,8 @@ class Sidecar:
                 prefix.append(event)
                 if type(event) is h1.EndOfMessage:
                     break
-            body = b"".join(e.data for e in prefix if isinstance(e, h1.Data))
+            # Usually just the EndOfMessage.
+            body = b"".join([e.data for e in prefix if type(e) is h1.Data]) if len(prefix) > 1 else b""
 
         if problem is not None:
             verdict = Verdict(None, _deny(problem), True, f"refused: {problem}")
@@ -726,9 +727,8 @@ class Sidecar:
             headers += ((b"Transfer-Encoding", b"chunked"),)
         # Fields from the request parser (checked there), our Host and framing: checked again
         # only when a credential was injected (its value comes from a file, not the parser).
-        out_head = h1.serialize_request_head(
-            h1.RequestHead(head.method, ex.path.encode("latin-1"), b"1.1", headers, True, head.body,
-                           head.content_length), headers, checked=ex.credential is not None)
+        out_head = h1.request_head_11(head.method, ex.path.encode("latin-1"), headers,
+                                      checked=ex.credential is not None)
         # The decision goes on record before anything of the request leaves (a name lookup
         # included): a request that cannot be recorded is not forwarded, and one whose client
         # goes away mid-body is still on record (its outcome says so).
@@ -756,9 +756,12 @@ class Sidecar:
                         # record, no coroutine.
                         up.uses += 1
                         up.conn.parser.expect(head.method)
-                        data = [e.data for e in prefix if type(e) is h1.Data]
-                        ex.bytes_out = sum(map(len, data))
-                        if up.conn.put(b"".join([out_head, *data]) if data else out_head):
+                        payload = out_head
+                        if len(prefix) > 1:     # not just the EndOfMessage
+                            data = [e.data for e in prefix if type(e) is h1.Data]
+                            ex.bytes_out = sum(map(len, data))
+                            payload = b"".join([out_head, *data])
+                        if up.conn.put(payload):
                             await up.conn.drained(self.timeouts.write)
                     else:
                         await self._send_request(up, client, out_head, prefix, body_done, chunked, ex)
@@ -811,9 +814,8 @@ class Sidecar:
         r_headers += ((b"X-Gvm-Decision", ex.decision.encode()), (b"X-Gvm-Request-Id", ex.request_id.encode()))
         if not keep:
             r_headers += ((b"Connection", b"close"),)
-        out = h1.serialize_response_head(     # upstream's fields as its parser checked them, and ours
-            h1.ResponseHead(response.status, response.reason, b"1.1", r_headers, keep, response.body), r_headers,
-            checked=False)
+        # Upstream's fields as its parser checked them, and ours.
+        out = h1.response_head_11(response.status, response.reason, r_headers, checked=False)
         try:
             await self._relay(writer, up.conn, reframe, out)
         except (h1.ProtocolError, ConnectionError, TimeoutError, ssl.SSLError):

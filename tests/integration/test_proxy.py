@@ -13,6 +13,7 @@ import hashlib
 import http.client
 import http.server
 import json
+import re
 import socket
 import ssl
 import threading
@@ -438,6 +439,7 @@ class FlakyUpstream:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.connections = 0
+        self.received: list[bytes] = []        # what each connection's first request brought
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -451,19 +453,28 @@ class FlakyUpstream:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     @staticmethod
-    def _read_head(conn: socket.socket) -> bool:
+    def _read_head(conn: socket.socket) -> bytes | None:
         data = b""
         while b"\r\n\r\n" not in data:
             more = conn.recv(4096)
             if not more:
-                return False
+                return None
             data += more
-        return True
+        return data
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(TIMEOUT)
-            if self._read_head(conn):
+            first = self._read_head(conn)
+            if first is not None:
+                head, _, body = first.partition(b"\r\n\r\n")
+                m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                while m and len(body) < int(m[1]):
+                    more = conn.recv(4096)
+                    if not more:
+                        break
+                    body += more
+                self.received.append(head + b"\r\n\r\n" + body)
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 self._read_head(conn)          # the second request: dropped unanswered
 
@@ -487,6 +498,23 @@ def test_stale_pooled_connection_is_retried_once(proxy: Proxy) -> None:
         flaky.close()
     assert (r1.status, b1, r2.status, b2) == (200, b"ok", 200, b"ok")
     assert flaky.connections == 2                  # the pooled one, then one retry on a fresh one
+
+
+def test_a_retried_request_carries_its_body_once(proxy: Proxy) -> None:
+    flaky = FlakyUpstream()
+    conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=TIMEOUT)
+    try:
+        r1, _ = get(conn, f"http://flaky.test:{flaky.port}/one")
+        conn.request("POST", f"http://flaky.test:{flaky.port}/two", body=b"hello")
+        r2 = conn.getresponse()
+        r2.read()
+    finally:
+        conn.close()
+        flaky.close()
+    assert (r1.status, r2.status, flaky.connections) == (200, 200, 2)
+    retried = flaky.received[1]
+    assert retried.startswith(b"POST /two HTTP/1.1\r\n")
+    assert retried.endswith(b"\r\n\r\nhello") and retried.count(b"hello") == 1
 
 
 def test_5mb_download_intact(proxy: Proxy, client_ctx: ssl.SSLContext, https_upstream: Upstream) -> None:
