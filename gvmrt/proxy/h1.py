@@ -208,7 +208,7 @@ class _Parser:
         events: list[Event] = []
         try:
             if not self._buf:
-                data = self._body_direct(data, events)
+                data = self._direct(data, events)
             if data:
                 self._buf += data
                 # An empty buffer never makes progress in any state: stop probing then.
@@ -241,6 +241,25 @@ class _Parser:
 
     def _fail(self, reason: str, status: int | None = None) -> ProtocolError:
         return ProtocolError(status or self._status, reason)
+
+    def _direct(self, data: bytes, events: list[Event]) -> bytes:
+        """While nothing is buffered, work on `data` itself: whole heads and body bytes straight
+        from it, with no copy into the buffer and back (a keep-alive message usually arrives
+        whole). Returns what is left for the buffered machine: a partial head, a chunk line, a
+        head it must refuse or trim (oversize, leading CRLF), anything after the last message."""
+        while data:
+            state = self._state
+            if state is _S.HEAD:
+                end = data.find(b"\r\n\r\n")
+                if end <= 0 or end + 4 > MAX_HEAD or data.startswith(b"\r\n"):
+                    return data
+                self._head(data[: end + 2], events)
+                data = data[end + 4:]
+            elif state is _S.LENGTH or state is _S.CHUNK_DATA or state is _S.UNTIL_CLOSE:
+                data = self._body_direct(data, events)
+            else:
+                return data
+        return data
 
     def _body_direct(self, data: bytes, events: list[Event]) -> bytes:
         """Body bytes straight from `data` while nothing is buffered (a large body's usual
