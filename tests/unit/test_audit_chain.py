@@ -50,6 +50,51 @@ def test_merkle_root_is_rfc9162s_and_every_path_leads_to_it(n: int) -> None:
         assert chain.root_from_path(leaves[i], i, n, path + [root]) is None
 
 
+def test_the_chains_running_root_is_the_batchs_merkle_root_at_every_size() -> None:
+    c = chain.Chain("0" * 32)
+    for n in range(1, 300):
+        c.append({"record": "x", "n": n})
+        assert c.root() == chain.merkle_root(c.leaves) == _rfc_root(c.leaves).hex(), n
+
+
+@given(st.lists(st.sampled_from(["append", "mark", "rollback", "seal"]), max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_the_running_root_survives_rollbacks_and_seals(ops: list[str]) -> None:
+    """Whatever a failed write rolls back (across a seal too), the next seal's root is the one
+    over the leaves the batch really has."""
+    c = chain.Chain("0" * 32)
+    marks = []
+    for i, op in enumerate(ops):
+        if op == "append":
+            c.append({"record": "x", "i": i})
+        elif op == "mark":
+            marks.append(c.mark())
+        elif op == "rollback" and marks:
+            c.rollback(marks.pop())
+        elif op == "seal":
+            c.seal("2026-11-26T00:00:00.000Z")
+        assert c.root() == chain.merkle_root(c.leaves)
+    c.append({"record": "x", "i": -1})
+    leaves = list(c.leaves)
+    seal = json.loads(c.seal("2026-11-26T00:00:00.000Z") or b"")
+    assert seal["root"] == chain.merkle_root(leaves) and seal["count"] == len(leaves)
+
+
+def test_a_rollback_across_a_seal_to_a_batch_of_the_same_size_gets_its_own_root() -> None:
+    # append_many with a small batch: mark, fill and seal batch A, start batch B, and the write
+    # fails when B is as long as A was at the mark; the rollback brings A back.
+    c = chain.Chain("0" * 32)
+    for i in range(3):
+        c.append({"record": "a", "i": i})
+    mark = c.mark()
+    c.append({"record": "a", "i": 3})
+    c.seal("2026-11-26T00:00:00.000Z")
+    for i in range(3):
+        c.append({"record": "b", "i": i})
+    c.rollback(mark)
+    assert len(c.leaves) == 3 and c.root() == chain.merkle_root(c.leaves)
+
+
 # --- a signed log to tamper with ------------------------------------------------------------
 
 def _write_log(path: Path, key: str | None, n: int = 40, batch: int = 8, **kw: Any) -> AuditLog:
