@@ -154,6 +154,7 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
 
     from gvmrt.errors import GvmrtError
     from gvmrt.proxy.credentials import Credentials
+    from gvmrt.linux import netns
     from gvmrt.proxy.server import Sidecar, tune_gc
 
     statics = {host: list(addrs) for host, addrs in (egress.get("resolve") or {}).items()}
@@ -302,11 +303,14 @@ def _main(conf: dict[str, Any], sock: Any) -> int:
         # connections queue in the listeners' backlog until the start is on record.
         go = asyncio.ensure_future(started.wait())
         await asyncio.wait({go, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        # A server made on a passed socket listens on it again, with a backlog of 100 unless told:
+        # keep the init's. (At 100, 64 clients dialling at once overflowed the proxy port's queue.)
         for kind, port, listener in listeners if started.is_set() else ():
             if kind == "proxy":
-                servers.append(await loop.create_server(sidecar.protocol, sock=listener))
+                servers.append(await loop.create_server(sidecar.protocol, sock=listener, backlog=netns.BACKLOG))
             elif kind == "dns-tcp" or (kind == "capture" and port == 53):
-                servers.append(await asyncio.start_server(sidecar.dns_tcp, sock=listener, limit=64 * 1024))
+                servers.append(await asyncio.start_server(sidecar.dns_tcp, sock=listener, limit=64 * 1024,
+                                                          backlog=netns.BACKLOG))
             elif kind == "dns-udp":
                 _serve_udp(loop, listener, sidecar)
             else:

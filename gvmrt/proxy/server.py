@@ -42,6 +42,7 @@ from gvmrt.policy.matcher import MAX_JSON_BODY, CompiledPolicy, Verdict
 from gvmrt.proxy import dns, h1, sniff
 from gvmrt.audit.chain import VERSION, Entry, json_string
 from gvmrt.audit.writer import AuditError, AuditLog, record_time
+from gvmrt.linux.netns import BACKLOG
 from gvmrt.proxy.certs import CertificateAuthority, LeafCache
 from gvmrt.proxy.credentials import Credentials
 from gvmrt.proxy.operator import Approvals, Events, Held
@@ -986,7 +987,8 @@ async def serve(listen: tuple[str, int], policy: CompiledPolicy, ca: Certificate
     sidecar = Sidecar(policy, ca, audit, upstream_cafile=upstream_cafile, allow_private=allow_private,
                       resolve=resolve, timeouts=timeouts)
     sidecar.start()
-    server = await asyncio.get_running_loop().create_server(sidecar.protocol, listen[0], listen[1])
+    server = await asyncio.get_running_loop().create_server(sidecar.protocol, listen[0], listen[1],
+                                                            backlog=BACKLOG)
     if bound is not None:
         bound.extend(sock.getsockname()[:2] for sock in server.sockets)
     try:

@@ -620,6 +620,36 @@ def _wait_gone(pid: int, timeout: float = 10) -> None:
 
 # --- the CA, the state, cleanup ----------------------------------------------------------------
 
+def _listen_backlogs(init: int) -> dict[str, int]:
+    """Local address -> backlog (ss shows a listener's backlog as its Send-Q) in `init`'s netns."""
+    import subprocess as _sp
+    out = _sp.run(["nsenter", "-t", str(init), "-n", "ss", "-Hltn"], capture_output=True, text=True,
+                  check=True).stdout
+    return {row.split()[3]: int(row.split()[2]) for row in out.splitlines() if row.strip()}
+
+
+def test_the_sidecar_keeps_the_backlog_of_the_jails_listeners(agent_env: Any, upstream: Upstream) -> None:
+    """A server made on a passed socket listens on it again, by default with 100: a burst of 64
+    clients then overflowed the explicit proxy's queue. Every listener keeps the init's 4096."""
+    agent = agent_env([ALLOW_API])
+    gv = agent.gv
+    code = f"""
+r = proxied("GET", "https://api.test:{upstream.https_port}/echo")
+open("/t/served.tmp", "w").write(json.dumps(r)); os.rename("/t/served.tmp", "/t/served")
+time.sleep(30)
+"""
+    agent._with_args(["python3", "-c", "from agentlib import *\nimport json, os, time\n" + code])
+    gv.ok("run", "--detach", "--bundle", str(agent.bundle), "bl")
+    try:
+        _wait_file(agent.shared / "served")       # the monitor serves the listeners by now
+        assert json.loads((agent.shared / "served").read_text())["status"] == 200
+        backlogs = _listen_backlogs(gv.ok("state", "bl").json()["pid"])
+        assert backlogs.get("127.0.0.1:3128") == 4096, backlogs
+        assert backlogs and set(backlogs.values()) == {4096}, backlogs
+    finally:
+        gv.ok("delete", "--force", "bl")
+
+
 def test_ca_is_trusted_in_the_jail_and_its_key_stays_outside(agent_env: Any, upstream: Upstream) -> None:
     agent = agent_env([ALLOW_API])
     gv = agent.gv

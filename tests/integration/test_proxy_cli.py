@@ -50,6 +50,10 @@ def test_gvmrt_proxy_decides_logs_and_cleans_up(tmp_path: Path) -> None:
         assert f"HTTPS_PROXY=http://127.0.0.1:{port}" in lines[3] and f"SSL_CERT_FILE={ca_pem}" in lines[3]
         key = Path(ca_pem).parent / "ca.key"
         assert key.stat().st_mode & 0o777 == 0o600
+        # Its listener queues a burst of clients (ss shows a listener's backlog as Send-Q), not 100.
+        listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True,
+                                   check=True).stdout.split()
+        assert listening[2] == "4096", listening
 
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("GET", f"http://localhost:{uport}/v1/items")
