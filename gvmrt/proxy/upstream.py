@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
+import re
 import socket
 import ssl
 import threading
@@ -49,6 +51,37 @@ async def default_resolve(host: str, port: int) -> list[str]:
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def host_trust_context() -> ssl.SSLContext:
+    """A client context that verifies servers against the host's trust store, as
+    `ssl.create_default_context()` does, but read from the store's hashed directory (one file per
+    CA, read when a chain needs it) instead of parsing the whole bundle up front, which costs
+    every sidecar ~2.5 MB of memory and ~22 ms. Only where that is the same store: the bundle
+    OpenSSL would load (SSL_CERT_FILE or its default) lies in that hashed directory
+    (SSL_CERT_DIR or its default), as update-ca-certificates writes them, both from the same
+    certificates. Anything else gets OpenSSL's defaults, as before."""
+    paths = ssl.get_default_verify_paths()     # SSL_CERT_FILE / SSL_CERT_DIR applied; None if missing
+    capath, cafile = paths.capath, paths.cafile
+    if capath is None or not _has_hashed_certs(capath) or (
+            cafile is not None and os.path.dirname(os.path.realpath(cafile)) != os.path.realpath(capath)):
+        return ssl.create_default_context()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)       # CERT_REQUIRED, check_hostname
+    ctx.load_verify_locations(capath=capath)
+    return ctx
+
+
+def _has_hashed_certs(capath: str) -> bool:
+    """`capath` is an OpenSSL hashed directory (c_rehash / update-ca-certificates names: 8 hex
+    digits, a dot, a digit)."""
+    try:
+        with os.scandir(capath) as entries:
+            return any(_HASH_NAME.fullmatch(e.name) for e in entries)
+    except OSError:
+        return False
+
+
+_HASH_NAME = re.compile(r"[0-9a-f]{8}\.[0-9]+")
 
 
 def address_problem(address: str) -> str | None:
@@ -131,12 +164,12 @@ class Pool:
                 self._cadata = f.read()
 
     def tls_context(self) -> ssl.SSLContext:
-        # ~21 ms to build (issue 3, "costs"): once per pool, lazily, or ahead in a worker thread
-        # (the monitor warms it while it already serves); the lock makes the two meet safely.
+        # Once per pool, lazily, or ahead in a worker thread (the monitor warms it while it
+        # already serves); the lock makes the two meet safely.
         if self._tls is None:
             with self._tls_lock:
                 if self._tls is None:
-                    ctx = ssl.create_default_context()
+                    ctx = host_trust_context()
                     # Added to the system store, not instead of it.
                     if self._cadata is not None:
                         ctx.load_verify_locations(cadata=self._cadata)

@@ -1,0 +1,90 @@
+"""The sidecar's upstream trust store (gvmrt.proxy.upstream.host_trust_context): the host's CAs,
+read from the hashed directory when the bundle lies in it, else OpenSSL's defaults. Real TLS
+handshakes over memory BIOs against leaves of a CA put into a hashed directory made here."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gvmrt.proxy.certs import CertificateAuthority, LeafCache
+from gvmrt.proxy.upstream import host_trust_context
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command (c_rehash names)")
+
+
+def _store(tmp: Path, ca: CertificateAuthority, bundle_inside: bool = True) -> tuple[Path, Path]:
+    """A hashed directory holding `ca` (named as c_rehash names it), and a bundle with it."""
+    certs = tmp / "certs"
+    certs.mkdir()
+    (tmp / "ca").mkdir(mode=0o700)
+    ca.save(tmp / "ca")
+    pem = (tmp / "ca" / "ca.pem").read_bytes()
+    name = subprocess.run(["openssl", "x509", "-hash", "-noout"], input=pem, capture_output=True,
+                          check=True).stdout.decode().strip()
+    (certs / f"{name}.0").write_bytes(pem)
+    bundle = (certs if bundle_inside else tmp) / "ca-certificates.crt"
+    bundle.write_bytes(pem)
+    return certs, bundle
+
+
+def _handshake(client: ssl.SSLContext, server: ssl.SSLContext, name: str) -> None:
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client.wrap_bio(c_in, c_out, server_hostname=name)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    done = [False, False]
+    for _ in range(10):
+        for i, (side, out, peer_in) in enumerate(((c, c_out, s_in), (s, s_out, c_in))):
+            if not done[i]:
+                try:
+                    side.do_handshake()
+                    done[i] = True
+                except ssl.SSLWantReadError:
+                    pass
+            peer_in.write(out.read())
+        if all(done):
+            return
+    raise AssertionError("handshake did not finish")
+
+
+def test_the_hashed_directory_verifies_its_cas_and_nothing_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ca, other = CertificateAuthority.create("trusted"), CertificateAuthority.create("stranger")
+    certs, bundle = _store(tmp_path, ca)
+    monkeypatch.setenv("SSL_CERT_DIR", str(certs))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    ctx = host_trust_context()
+    assert ctx.cert_store_stats()["x509"] == 0            # nothing parsed up front
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    _handshake(ctx, LeafCache(ca).context_for("api.example"), "api.example")
+    assert ctx.cert_store_stats()["x509_ca"] == 1          # read when the chain needed it
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(ctx, LeafCache(other).context_for("api.example"), "api.example")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(ctx, LeafCache(ca).context_for("api.example"), "other.example")
+
+
+def test_a_bundle_outside_the_directory_is_loaded_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bundle may hold CAs the directory lacks: then it is OpenSSL's defaults, bundle and all.
+    ca = CertificateAuthority.create("trusted")
+    certs, bundle = _store(tmp_path, ca, bundle_inside=False)
+    monkeypatch.setenv("SSL_CERT_DIR", str(certs))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    ctx = host_trust_context()
+    assert ctx.cert_store_stats()["x509_ca"] == 1
+    _handshake(ctx, LeafCache(ca).context_for("api.example"), "api.example")
+
+
+def test_a_directory_without_hash_names_is_not_taken_for_a_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ca = CertificateAuthority.create("trusted")
+    certs, bundle = _store(tmp_path, ca)
+    for f in certs.glob("*.0"):
+        f.unlink()
+    monkeypatch.setenv("SSL_CERT_DIR", str(certs))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    ctx = host_trust_context()
+    assert ctx.cert_store_stats()["x509_ca"] == 1          # the bundle, loaded whole
+    _handshake(ctx, LeafCache(ca).context_for("api.example"), "api.example")
