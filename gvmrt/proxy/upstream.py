@@ -54,34 +54,50 @@ async def default_resolve(host: str, port: int) -> list[str]:
 
 
 def host_trust_context() -> ssl.SSLContext:
-    """A client context that verifies servers against the host's trust store, as
-    `ssl.create_default_context()` does, but read from the store's hashed directory (one file per
-    CA, read when a chain needs it) instead of parsing the whole bundle up front, which costs
-    every sidecar ~2.5 MB of memory and ~22 ms. Only where that is the same store: the bundle
-    OpenSSL would load (SSL_CERT_FILE or its default) lies in that hashed directory
-    (SSL_CERT_DIR or its default), as update-ca-certificates writes them, both from the same
-    certificates. Anything else gets OpenSSL's defaults, as before."""
+    """`ssl.create_default_context()`, verifying servers against the host's trust store, but with
+    the store read from its hashed directory (one file per CA, read when a chain needs it) rather
+    than parsing the whole bundle up front, which costs every sidecar ~2.5 MB and ~22 ms.
+
+    Only when that trusts exactly the same CAs: OpenSSL's defaults trust the bundle
+    (SSL_CERT_FILE or its default) plus the directory (SSL_CERT_DIR or its default), so the
+    directory alone is the same store when every certificate of the bundle is also one of the
+    directory's files, and those files can be read now, as the sidecar (a root monitor reads them
+    as nobody). update-ca-certificates writes both from the same certificates; a CA appended to
+    the bundle by hand, a bundle of one's own in SSL_CERT_FILE, or a CA file only root can read
+    means the defaults, as before."""
     paths = ssl.get_default_verify_paths()     # SSL_CERT_FILE / SSL_CERT_DIR applied; None if missing
     capath, cafile = paths.capath, paths.cafile
-    if capath is None or not _has_hashed_certs(capath) or (
-            cafile is not None and os.path.dirname(os.path.realpath(cafile)) != os.path.realpath(capath)):
-        return ssl.create_default_context()
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)       # CERT_REQUIRED, check_hostname
-    ctx.load_verify_locations(capath=capath)
-    return ctx
+    if capath is not None and (cafile is None or _bundle_in_directory(cafile, capath)):
+        return ssl.create_default_context(capath=capath)
+    return ssl.create_default_context()
 
 
-def _has_hashed_certs(capath: str) -> bool:
-    """`capath` is an OpenSSL hashed directory (c_rehash / update-ca-certificates names: 8 hex
-    digits, a dot, a digit)."""
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+?)-----END CERTIFICATE-----")
+_HASH_NAME = re.compile(r"[0-9a-f]{8}\.[0-9]+")      # c_rehash / update-ca-certificates names
+
+
+def _certs_of(pem: bytes) -> set[bytes]:
+    return {b"".join(m.split()) for m in _PEM_CERT.findall(pem)}
+
+
+def _bundle_in_directory(cafile: str, capath: str) -> bool:
+    """Every certificate of the bundle `cafile` is one of the hashed directory's files, all of
+    which this process can read (compared as PEM text: nothing is parsed)."""
     try:
+        with open(cafile, "rb") as f:
+            text = f.read()
+        bundle = _certs_of(text)
+        if not bundle or b"-----BEGIN TRUSTED CERTIFICATE-----" in text:
+            return False               # OpenSSL's own trust format: not compared here
+        hashed: set[bytes] = set()
         with os.scandir(capath) as entries:
-            return any(_HASH_NAME.fullmatch(e.name) for e in entries)
+            for entry in entries:
+                if _HASH_NAME.fullmatch(entry.name):
+                    with open(entry.path, "rb") as f:
+                        hashed |= _certs_of(f.read())
     except OSError:
         return False
-
-
-_HASH_NAME = re.compile(r"[0-9a-f]{8}\.[0-9]+")
+    return bundle <= hashed
 
 
 def address_problem(address: str) -> str | None:

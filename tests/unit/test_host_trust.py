@@ -1,6 +1,7 @@
 """The sidecar's upstream trust store (gvmrt.proxy.upstream.host_trust_context): the host's CAs,
-read from the hashed directory when the bundle lies in it, else OpenSSL's defaults. Real TLS
-handshakes over memory BIOs against leaves of a CA put into a hashed directory made here."""
+read from the hashed directory when that trusts exactly what OpenSSL's defaults trust, else the
+defaults. Real TLS handshakes over memory BIOs against leaves of CAs put into a hashed directory
+made here."""
 
 from __future__ import annotations
 
@@ -67,14 +68,14 @@ def test_the_hashed_directory_verifies_its_cas_and_nothing_else(tmp_path: Path, 
         _handshake(ctx, LeafCache(ca).context_for("api.example"), "other.example")
 
 
-def test_a_bundle_outside_the_directory_is_loaded_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The bundle may hold CAs the directory lacks: then it is OpenSSL's defaults, bundle and all.
+def test_a_bundle_elsewhere_with_the_same_cas_is_not_parsed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where the bundle lives does not matter, what it holds does: nothing the directory lacks.
     ca = CertificateAuthority.create("trusted")
     certs, bundle = _store(tmp_path, ca, bundle_inside=False)
     monkeypatch.setenv("SSL_CERT_DIR", str(certs))
     monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
     ctx = host_trust_context()
-    assert ctx.cert_store_stats()["x509_ca"] == 1
+    assert ctx.cert_store_stats()["x509"] == 0
     _handshake(ctx, LeafCache(ca).context_for("api.example"), "api.example")
 
 
@@ -83,6 +84,35 @@ def test_a_directory_without_hash_names_is_not_taken_for_a_store(tmp_path: Path,
     certs, bundle = _store(tmp_path, ca)
     for f in certs.glob("*.0"):
         f.unlink()
+    monkeypatch.setenv("SSL_CERT_DIR", str(certs))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    ctx = host_trust_context()
+    assert ctx.cert_store_stats()["x509_ca"] == 1          # the bundle, loaded whole
+    _handshake(ctx, LeafCache(ca).context_for("api.example"), "api.example")
+
+
+def test_a_ca_appended_to_the_bundle_by_hand_is_still_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `cat corp.pem >> ca-certificates.crt` without update-ca-certificates: the directory lacks it,
+    # so the directory alone would trust less than OpenSSL's defaults do. The defaults it is.
+    ca, corp = CertificateAuthority.create("trusted"), CertificateAuthority.create("corp")
+    certs, bundle = _store(tmp_path, ca)
+    (tmp_path / "corp").mkdir(mode=0o700)
+    corp.save(tmp_path / "corp")
+    with bundle.open("ab") as f:
+        f.write((tmp_path / "corp" / "ca.pem").read_bytes())
+    monkeypatch.setenv("SSL_CERT_DIR", str(certs))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    ctx = host_trust_context()
+    assert ctx.cert_store_stats()["x509_ca"] == 2
+    _handshake(ctx, LeafCache(corp).context_for("api.example"), "api.example")
+
+
+def test_a_ca_file_it_cannot_read_means_the_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A hashed name it cannot open now (here a dangling link; for a root monitor running as
+    # nobody, a CA file only root may read) would fail later, when a chain needs it.
+    ca = CertificateAuthority.create("trusted")
+    certs, bundle = _store(tmp_path, ca)
+    (certs / "0badc0de.0").symlink_to(tmp_path / "gone.pem")
     monkeypatch.setenv("SSL_CERT_DIR", str(certs))
     monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
     ctx = host_trust_context()
