@@ -22,7 +22,7 @@ import json.encoder
 from hashlib import sha256
 from typing import Any, Callable
 
-__all__ = ["VERSION", "ZERO", "Chain", "Entry", "Rendered", "canonical", "json_string", "entry_line", "merkle_root", "inclusion_path",
+__all__ = ["VERSION", "ZERO", "Chain", "Entry", "Rendered", "canonical", "json_string", "json_value", "entry_line", "merkle_root", "inclusion_path",
            "root_from_path", "seal_message", "SEAL_FIELDS"]
 
 VERSION = 1
@@ -45,6 +45,11 @@ _encode = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
 
 # One JSON string, as `canonical` writes strings (ASCII only), for renderers.
 json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+
+
+def json_value(value: Any) -> str:
+    """One JSON value as `canonical` writes it inside an entry (renderers' slow path)."""
+    return "".join(_encode(value, 0))
 
 
 def canonical(obj: dict[str, Any]) -> str:
@@ -196,13 +201,13 @@ class Chain:
     def append(self, entry: Entry) -> bytes:
         """Number and link `entry` and return its line. A dict gains v, seq, prev and h. A
         `Rendered` entry is called with the seq and prev it gets and returns its canonical body."""
-        if type(entry) is dict:
+        if callable(entry):
+            h, line = entry_line(entry(self.seq, self.prev))
+        else:
             entry.pop("h", None)
             entry["v"], entry["seq"], entry["prev"] = VERSION, self.seq, self.prev
             h, line = entry_line(_canonical(entry))
             entry["h"] = h
-        else:
-            h, line = entry_line(entry(self.seq, self.prev))  # type: ignore[operator]
         self.seq += 1
         self.prev = h
         self._add_leaf(bytes.fromhex(h))

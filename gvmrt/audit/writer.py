@@ -185,10 +185,14 @@ class AuditLog:
         other kind); its seq. Raises AuditError."""
         self._check()
         mark = self.chain.mark()
-        data = self.chain.append(entry)
-        seq = self.chain.seq - 1
-        if len(self.chain.leaves) >= self.batch_max:
-            data += self._seal_line()
+        try:
+            data = self.chain.append(entry)
+            seq = self.chain.seq - 1
+            if len(self.chain.leaves) >= self.batch_max:
+                data += self._seal_line()
+        except BaseException:
+            self.chain.rollback(mark)   # e.g. an entry that cannot be encoded, a signer that fails
+            raise
         self._write(data, mark)
         return seq
 
@@ -197,10 +201,16 @@ class AuditLog:
         self._check()
         mark = self.chain.mark()
         parts = []
-        for e in entries:
-            parts.append(self.chain.append(e))
-            if len(self.chain.leaves) >= self.batch_max:
-                parts.append(self._seal_line())
+        try:
+            for e in entries:
+                parts.append(self.chain.append(e))
+                if len(self.chain.leaves) >= self.batch_max:
+                    parts.append(self._seal_line())
+        except BaseException:
+            # Nothing of the batch is written, so the chain must not count any of it: a later
+            # line would link to entries the log never got.
+            self.chain.rollback(mark)
+            raise
         self._write(b"".join(parts), mark)
         return self.chain.seq - 1
 
@@ -208,7 +218,11 @@ class AuditLog:
         """Seal the open batch now (if it has entries)."""
         self._check()
         mark = self.chain.mark()
-        line = self._seal_line()
+        try:
+            line = self._seal_line()
+        except BaseException:
+            self.chain.rollback(mark)
+            raise
         if line:
             self._write(line, mark)
 

@@ -40,7 +40,7 @@ from gvmrt.policy.canon import BadHost, canonical_host
 from gvmrt.policy.decision import Decision
 from gvmrt.policy.matcher import MAX_JSON_BODY, CompiledPolicy, Verdict
 from gvmrt.proxy import dns, h1, sniff
-from gvmrt.audit.chain import VERSION, Entry, json_string
+from gvmrt.audit.chain import VERSION, Entry, json_string, json_value
 from gvmrt.audit.writer import AuditError, AuditLog, record_time
 from gvmrt.linux.netns import BACKLOG
 from gvmrt.proxy.certs import CertificateAuthority, LeafCache
@@ -121,7 +121,7 @@ class _Exchange:
         return (f'{{"bytes_in":{_json_int(self.bytes_in)},"bytes_out":{self.bytes_out:d},'
                 f'"container":{_js(self.container)},"decision":{_js(self.decision)},'
                 f'"duration_ms":{round((time.monotonic() - self.started) * 1000, 3)!r},'
-                f'"flagged":{"true" if self.flagged else "false"},"host":{_js(self.host)},'
+                f'"flagged":{_json_bool(self.flagged)},"host":{_js(self.host)},'
                 f'"method":{_js(self.method)},"mode":{_js(self.mode)},"path":{_js(self.path)},'
                 f'"port":{self.port:d},"prev":"{prev}","reason":{_js(self.reason)},"record":"decision",'
                 f'"request_id":{_js(self.request_id)},"rule":{"null" if self.rule is None else _js(self.rule)},'
@@ -131,7 +131,7 @@ class _Exchange:
         when, duration = self.ended or (record_time(), round((time.monotonic() - self.started) * 1000, 3))
         return (f'{{"bytes_in":{_json_int(self.bytes_in)},"bytes_out":{self.bytes_out:d},'
                 f'"container":{_js(self.container)},"duration_ms":{duration!r},'
-                f'"flagged":{"true" if self.flagged else "false"},"prev":"{prev}","record":"outcome",'
+                f'"flagged":{_json_bool(self.flagged)},"prev":"{prev}","record":"outcome",'
                 f'"request_id":{_js(self.request_id)},"seq":{seq:d},"status":{_json_int(self.status)},'
                 f'"time":"{when}","v":{VERSION:d}}}')
 
@@ -154,7 +154,13 @@ _js = json_string
 
 
 def _json_int(value: int | None) -> str:
-    return "null" if value is None else f"{value:d}"
+    if type(value) is int:
+        return f"{value:d}"
+    return "null" if value is None else json_value(value)     # a bool, say: as canonical() has it
+
+
+def _json_bool(value: bool) -> str:
+    return "true" if value is True else "false" if value is False else json_value(value)
 
 
 # Request ids: a random prefix per process and a counter (unique, and no getrandom(2) per request).

@@ -95,6 +95,23 @@ def test_a_rollback_across_a_seal_to_a_batch_of_the_same_size_gets_its_own_root(
     assert len(c.leaves) == 3 and c.root() == chain.merkle_root(c.leaves)
 
 
+def test_an_entry_that_cannot_be_encoded_leaves_the_chain_as_it_was(tmp_path: Path) -> None:
+    """Only a failed write used to roll the chain back: an entry that raised while being encoded,
+    after others of the same append_many were chained, left the chain counting entries that were
+    never written, and every later line linked to them."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, container="c1")
+    with pytest.raises(TypeError):
+        log.append_many([{"record": "x", "i": 1}, {"record": "x", "bad": object()}])
+    with pytest.raises(TypeError):
+        log.append({"record": "x", "bad": object()})
+    log.append({"record": "x", "i": 2})
+    log.close()
+    report = verify_log([str(path)], use_host_pin=False)
+    assert report.ok, report.problems
+    assert [json.loads(line).get("i") for line in path.read_text().splitlines()][1] == 2
+
+
 # --- a signed log to tamper with ------------------------------------------------------------
 
 def _write_log(path: Path, key: str | None, n: int = 40, batch: int = 8, **kw: Any) -> AuditLog:

@@ -26,10 +26,12 @@ def exchanges(draw: Any) -> _Exchange:
     ex.rule = draw(st.none() | TEXT)
     ex.decision = draw(st.sampled_from(["allow", "audit_only", "delay", "deny"]))
     ex.reason = draw(TEXT)
-    ex.status = draw(st.none() | st.integers(0, 999))
+    # Beyond the types the sidecar sets (a status from int(), flagged from bool expressions), any
+    # JSON scalar must still come out as canonical() writes it.
+    ex.status = draw(st.none() | st.integers(0, 999) | st.booleans())
     ex.bytes_out = draw(INT)
-    ex.bytes_in = draw(st.none() | INT)
-    ex.flagged = draw(st.booleans())
+    ex.bytes_in = draw(st.none() | INT | st.booleans())
+    ex.flagged = draw(st.booleans() | st.integers(0, 2) | st.none())
     ex.started -= draw(st.floats(0, 10**6, allow_nan=False))
     return ex
 
