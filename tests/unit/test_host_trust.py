@@ -33,6 +33,13 @@ def _store(tmp: Path, ca: CertificateAuthority, bundle_inside: bool = True) -> t
     return certs, bundle
 
 
+def _context(monkeypatch: pytest.MonkeyPatch, certs: Path, bundle: Path) -> ssl.SSLContext:
+    """host_trust_context() with the store at `certs` and `bundle` (as SSL_CERT_DIR/SSL_CERT_FILE)."""
+    monkeypatch.setenv("SSL_CERT_DIR", str(certs))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    return host_trust_context()
+
+
 def _handshake(client: ssl.SSLContext, server: ssl.SSLContext, name: str) -> None:
     c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
     c = client.wrap_bio(c_in, c_out, server_hostname=name)
@@ -55,9 +62,7 @@ def _handshake(client: ssl.SSLContext, server: ssl.SSLContext, name: str) -> Non
 def test_the_hashed_directory_verifies_its_cas_and_nothing_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ca, other = CertificateAuthority.create("trusted"), CertificateAuthority.create("stranger")
     certs, bundle = _store(tmp_path, ca)
-    monkeypatch.setenv("SSL_CERT_DIR", str(certs))
-    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
-    ctx = host_trust_context()
+    ctx = _context(monkeypatch, certs, bundle)
     assert ctx.cert_store_stats()["x509"] == 0            # nothing parsed up front
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
     _handshake(ctx, LeafCache(ca).context_for("api.example"), "api.example")
@@ -72,9 +77,7 @@ def test_a_bundle_elsewhere_with_the_same_cas_is_not_parsed(tmp_path: Path, monk
     # Where the bundle lives does not matter, what it holds does: nothing the directory lacks.
     ca = CertificateAuthority.create("trusted")
     certs, bundle = _store(tmp_path, ca, bundle_inside=False)
-    monkeypatch.setenv("SSL_CERT_DIR", str(certs))
-    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
-    ctx = host_trust_context()
+    ctx = _context(monkeypatch, certs, bundle)
     assert ctx.cert_store_stats()["x509"] == 0
     _handshake(ctx, LeafCache(ca).context_for("api.example"), "api.example")
 
@@ -84,9 +87,7 @@ def test_a_directory_without_hash_names_is_not_taken_for_a_store(tmp_path: Path,
     certs, bundle = _store(tmp_path, ca)
     for f in certs.glob("*.0"):
         f.unlink()
-    monkeypatch.setenv("SSL_CERT_DIR", str(certs))
-    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
-    ctx = host_trust_context()
+    ctx = _context(monkeypatch, certs, bundle)
     assert ctx.cert_store_stats()["x509_ca"] == 1          # the bundle, loaded whole
     _handshake(ctx, LeafCache(ca).context_for("api.example"), "api.example")
 
@@ -100,9 +101,7 @@ def test_a_ca_appended_to_the_bundle_by_hand_is_still_trusted(tmp_path: Path, mo
     corp.save(tmp_path / "corp")
     with bundle.open("ab") as f:
         f.write((tmp_path / "corp" / "ca.pem").read_bytes())
-    monkeypatch.setenv("SSL_CERT_DIR", str(certs))
-    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
-    ctx = host_trust_context()
+    ctx = _context(monkeypatch, certs, bundle)
     assert ctx.cert_store_stats()["x509_ca"] == 2
     _handshake(ctx, LeafCache(corp).context_for("api.example"), "api.example")
 
@@ -113,8 +112,6 @@ def test_a_ca_file_it_cannot_read_means_the_defaults(tmp_path: Path, monkeypatch
     ca = CertificateAuthority.create("trusted")
     certs, bundle = _store(tmp_path, ca)
     (certs / "0badc0de.0").symlink_to(tmp_path / "gone.pem")
-    monkeypatch.setenv("SSL_CERT_DIR", str(certs))
-    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
-    ctx = host_trust_context()
+    ctx = _context(monkeypatch, certs, bundle)
     assert ctx.cert_store_stats()["x509_ca"] == 1          # the bundle, loaded whole
     _handshake(ctx, LeafCache(ca).context_for("api.example"), "api.example")
