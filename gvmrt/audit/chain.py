@@ -22,8 +22,8 @@ import json.encoder
 from hashlib import sha256
 from typing import Any, Callable
 
-__all__ = ["VERSION", "ZERO", "Chain", "Entry", "Rendered", "canonical", "json_string", "json_value", "entry_line", "merkle_root", "inclusion_path",
-           "root_from_path", "seal_message", "SEAL_FIELDS"]
+__all__ = ["VERSION", "ZERO", "Chain", "Entry", "Rendered", "canonical", "json_string", "json_value",
+           "entry_line", "merkle_root", "inclusion_path", "root_from_path", "seal_message", "SEAL_FIELDS"]
 
 VERSION = 1
 ENTRY_DOMAIN = b"gvmrt-audit-entry-v1\n"
