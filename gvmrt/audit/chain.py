@@ -92,15 +92,21 @@ def merkle_root(leaves: list[bytes]) -> str:
     return level[0].hex()
 
 
+def _push(frontier: list[bytes], n: int, d: bytes) -> None:
+    """Add leaf data `d`, the n-th leaf (from 1), to `frontier` (see Chain): its leaf hash, merged
+    upwards with each subtree it completes."""
+    node = sha256(b"\x00" + d).digest()
+    while not n & 1:
+        node = sha256(b"\x01" + frontier.pop() + node).digest()
+        n >>= 1
+    frontier.append(node)
+
+
 def _frontier(leaves: list[bytes]) -> list[bytes]:
     """The roots of the perfect subtrees of the tree over `leaves`, largest first (see Chain)."""
     frontier: list[bytes] = []
     for n, d in enumerate(leaves, 1):
-        node = _leaf(d)
-        while not n & 1:
-            node = _node(frontier.pop(), node)
-            n >>= 1
-        frontier.append(node)
+        _push(frontier, n, d)
     return frontier
 
 
@@ -213,27 +219,24 @@ class Chain:
         self._add_leaf(bytes.fromhex(h))
         return line
 
-    def _add_leaf(self, d: bytes) -> None:
+    def _current_frontier(self) -> list[bytes]:
+        """The frontier of `leaves` as they are now (rebuilt if they changed behind its back)."""
         leaves = self.leaves
         if self._frontier_of is not leaves or self._covered != len(leaves):
             self._frontier, self._frontier_of, self._covered = _frontier(leaves), leaves, len(leaves)
-        leaves.append(d)
-        n = self._covered = len(leaves)
-        frontier = self._frontier
-        node = sha256(b"\x00" + d).digest()
-        while not n & 1:               # the new leaf completes a subtree: merge it upwards
-            node = sha256(b"\x01" + frontier.pop() + node).digest()
-            n >>= 1
-        frontier.append(node)
+        return self._frontier
+
+    def _add_leaf(self, d: bytes) -> None:
+        frontier = self._current_frontier()
+        self.leaves.append(d)
+        self._covered = len(self.leaves)
+        _push(frontier, self._covered, d)
 
     def root(self) -> str:
         """The open batch's Merkle root (hex), as `merkle_root(self.leaves)`."""
         if not self.leaves:
             return merkle_root([])
-        if self._frontier_of is not self.leaves or self._covered != len(self.leaves):
-            self._frontier, self._frontier_of, self._covered = (_frontier(self.leaves), self.leaves,
-                                                                len(self.leaves))
-        frontier = self._frontier
+        frontier = self._current_frontier()
         node = frontier[-1]
         for left in reversed(frontier[:-1]):   # RFC 9162: split at the largest power of two
             node = _node(left, node)
